@@ -1,0 +1,221 @@
+//! The API's one error type and its one conversion to `application/problem+json`.
+//! Handlers return [`ApiError`]; they never build status codes.
+
+use poem::error::ResponseError;
+use poem::http::{header, HeaderValue, StatusCode};
+use poem::{Body, IntoResponse, Response};
+use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, Registry};
+use poem_openapi::types::Type;
+use poem_openapi::ApiResponse;
+use runq_shared::{DbError, Problem};
+
+/// Seconds a client should wait before retrying when the database is away.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// Everything a request can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed (bad JSON, wrong types, bad header).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No valid bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The resource does not exist for this tenant.
+    #[error("{0}")]
+    NotFound(String),
+    /// The resource is in a state that forbids the operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// The path exists but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// The body is larger than the server accepts.
+    #[error("request body exceeds {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The body is well-formed but its values are refused.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The database cannot be reached right now.
+    #[error("the database is unavailable; retry shortly")]
+    Unavailable,
+    /// A bug or an unexpected database error; details are logged, not returned.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            ApiError::Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Missing or invalid token",
+            ),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+            ),
+            ApiError::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
+            ),
+            ApiError::Unprocessable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-run",
+                "Invalid request body",
+            ),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service unavailable",
+            ),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal server error",
+            ),
+        }
+    }
+
+    /// The problem document for this error.
+    pub fn problem(&self) -> Problem {
+        let (status, slug, title) = self.parts();
+        Problem {
+            problem_type: format!("urn:runq:problem:{slug}"),
+            title: title.to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+        }
+    }
+
+    /// Maps a poem error (routing, body parsing, auth) to the API's error.
+    pub fn from_poem(err: &poem::Error) -> Self {
+        if let Some(api) = err.downcast_ref::<ApiError>() {
+            return api.clone();
+        }
+        let detail = err.to_string();
+        match err.status() {
+            StatusCode::UNAUTHORIZED => ApiError::Unauthorized(
+                "send 'Authorization: Bearer <token>' with a valid runq token".to_owned(),
+            ),
+            StatusCode::NOT_FOUND => ApiError::NotFound(detail),
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(detail),
+            StatusCode::UNPROCESSABLE_ENTITY => ApiError::Unprocessable(detail),
+            status if status.is_client_error() => ApiError::BadRequest(detail),
+            _ => {
+                tracing::error!(error = %detail, "unhandled error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(err: DbError) -> Self {
+        match err {
+            DbError::RunNotFound(_) | DbError::ProjectNotFound(_) => {
+                ApiError::NotFound(err.to_string())
+            }
+            DbError::WrongStatus { .. } => ApiError::Conflict(err.to_string()),
+            DbError::Invalid(invalid) => ApiError::Unprocessable(invalid.0),
+            err if err.is_unavailable() => {
+                tracing::warn!(error = %err, "database unavailable");
+                ApiError::Unavailable
+            }
+            err => {
+                tracing::error!(error = %err, "database error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        DbError::from(err).into()
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    fn as_response(&self) -> Response {
+        let problem = self.problem();
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = Response::builder()
+            .status(self.status())
+            .header(header::CONTENT_TYPE, "application/problem+json")
+            .body(Body::from(body));
+        match self {
+            ApiError::Unavailable => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                );
+            }
+            ApiError::Unauthorized(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.as_response()
+    }
+}
+
+/// Every status an endpoint may answer with a problem document.
+const PROBLEM_STATUSES: [(u16, &str); 8] = [
+    (
+        400,
+        "Malformed request: bad JSON, wrong types or a bad header",
+    ),
+    (401, "Missing or invalid bearer token"),
+    (404, "No such resource for this tenant"),
+    (409, "The run's status forbids the operation"),
+    (413, "The body is too large"),
+    (422, "The body's values are refused"),
+    (
+        503,
+        "The database is unavailable; retry after `Retry-After` seconds",
+    ),
+    (500, "Internal error"),
+];
+
+impl ApiResponse for ApiError {
+    fn meta() -> MetaResponses {
+        MetaResponses {
+            responses: PROBLEM_STATUSES
+                .iter()
+                .map(|(status, description)| MetaResponse {
+                    description,
+                    status: Some(*status),
+                    status_range: None,
+                    content: vec![MetaMediaType {
+                        content_type: "application/problem+json",
+                        schema: Problem::schema_ref(),
+                    }],
+                    headers: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn register(registry: &mut Registry) {
+        Problem::register(registry);
+    }
+}

@@ -1,0 +1,178 @@
+//! runq-api: the REST API (poem + poem-openapi).
+//!
+//! Routes live under `/v1` behind bearer-token auth ([`auth`]); every error
+//! becomes an `application/problem+json` document through [`error::ApiError`].
+//! `/health`, `/ready`, `/openapi.json` and `/docs` are unauthenticated.
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod error;
+pub mod runs;
+
+use poem::listener::TcpListener;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, Server};
+use poem_openapi::payload::PlainText;
+use poem_openapi::{ApiResponse, OpenApi, OpenApiService};
+use runq_shared::config::ApiConfig;
+use sqlx::PgPool;
+use tokio::io::AsyncReadExt;
+
+use crate::error::ApiError;
+use crate::runs::RunsApi;
+
+/// A future that resolves when the server should stop.
+type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Answer of `GET /ready`.
+#[derive(ApiResponse)]
+enum ReadyResponse {
+    /// The database answers and every migration is applied.
+    #[oai(status = 200)]
+    Ready(PlainText<String>),
+    /// Not ready: the database is unreachable or migrations are missing.
+    #[oai(status = 503)]
+    NotReady(PlainText<String>),
+}
+
+struct HealthApi {
+    pool: PgPool,
+}
+
+#[OpenApi]
+impl HealthApi {
+    /// Liveness: the process answers
+    #[oai(path = "/health", method = "get", operation_id = "health")]
+    async fn health(&self) -> PlainText<&'static str> {
+        PlainText("ok")
+    }
+
+    /// Readiness: the database answers and migrations are applied
+    #[oai(path = "/ready", method = "get", operation_id = "ready")]
+    async fn ready(&self) -> ReadyResponse {
+        match runq_shared::db::migrations_applied(&self.pool).await {
+            Ok(true) => ReadyResponse::Ready(PlainText("ready".to_owned())),
+            Ok(false) => ReadyResponse::NotReady(PlainText("migrations pending".to_owned())),
+            Err(err) => ReadyResponse::NotReady(PlainText(format!("database unavailable: {err}"))),
+        }
+    }
+}
+
+fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<(RunsApi, HealthApi), ()> {
+    let runs = RunsApi {
+        pool: pool.clone(),
+        step_kinds: config.step_kinds.clone(),
+    };
+    OpenApiService::new(
+        (runs, HealthApi { pool }),
+        "runq",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "A Postgres-native run queue. Submit runs (pipelines of steps); workers claim \
+             them FIFO with FOR UPDATE SKIP LOCKED and execute them. Errors are \
+             application/problem+json documents.",
+    )
+    .license("Apache-2.0")
+}
+
+/// The OpenAPI document the API serves at `/openapi.json`, as committed in
+/// `openapi/openapi.json`.
+pub fn spec() -> String {
+    let config = ApiConfig {
+        listen: String::new(),
+        max_body_bytes: 0,
+        step_kinds: Vec::new(),
+    };
+    // The pool is never used: building the document makes no connection.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect_lazy("postgres://localhost/spec")
+        .expect("a constant URL parses");
+    service(pool, &config).spec()
+}
+
+/// The whole application: routes, docs, body limit and problem+json errors.
+pub fn app(pool: PgPool, config: &ApiConfig) -> impl Endpoint {
+    let api = service(pool.clone(), config);
+    let docs = api.swagger_ui();
+    let spec = api.spec_endpoint();
+    let max_body = config.max_body_bytes;
+    Route::new()
+        .nest("/", api)
+        .at("/openapi.json", spec)
+        .nest("/docs", docs)
+        .data(pool)
+        .around(move |endpoint, request| limit_body(endpoint, request, max_body))
+        .catch_all_error(
+            |err: poem::Error| async move { ApiError::from_poem(&err).into_response() },
+        )
+}
+
+/// Refuses bodies over `max` bytes with 413 before a handler reads them:
+/// declared ones by their `Content-Length`, chunked ones by reading at most
+/// `max + 1` bytes.
+async fn limit_body<E: Endpoint>(
+    endpoint: std::sync::Arc<E>,
+    mut request: Request,
+    max: usize,
+) -> poem::Result<Response> {
+    let declared = request
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > max as u64 => return Err(ApiError::PayloadTooLarge(max).into()),
+        Some(_) => {}
+        None => {
+            let mut body = Vec::new();
+            request
+                .take_body()
+                .into_async_read()
+                .take(max as u64 + 1)
+                .read_to_end(&mut body)
+                .await
+                .map_err(|err| ApiError::BadRequest(format!("reading the body: {err}")))?;
+            if body.len() > max {
+                return Err(ApiError::PayloadTooLarge(max).into());
+            }
+            request.set_body(body);
+        }
+    }
+    Ok(endpoint.call(request).await?.into_response())
+}
+
+/// Serves the API on `config.listen` until `shutdown` resolves.
+///
+/// # Errors
+///
+/// The address cannot be bound.
+pub async fn serve(
+    pool: PgPool,
+    config: &ApiConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let shutdown: Shutdown = Box::pin(shutdown);
+    Server::new(TcpListener::bind(config.listen.clone()))
+        .run_with_graceful_shutdown(app(pool, config), shutdown, None)
+        .await
+}
+
+/// Serves the API on an already bound listener (tests and `runq dev` bind port 0).
+///
+/// # Errors
+///
+/// Accepting connections fails.
+pub async fn serve_on(
+    listener: std::net::TcpListener,
+    pool: PgPool,
+    config: &ApiConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let acceptor = poem::listener::TcpAcceptor::from_tokio(listener)?;
+    let shutdown: Shutdown = Box::pin(shutdown);
+    Server::new_with_acceptor(acceptor)
+        .run_with_graceful_shutdown(app(pool, config), shutdown, None)
+        .await
+}

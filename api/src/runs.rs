@@ -1,0 +1,246 @@
+//! `/v1/runs`: submit, list, inspect, cancel and retry runs.
+
+use poem_openapi::param::{Header, Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi, Tags};
+use runq_shared::db::runs::{self, RunFilter};
+use runq_shared::db::{events, steps};
+use runq_shared::{
+    CreateRun, CreateRuns, CreatedRuns, EventPage, NewRun, Run, RunDetail, RunPage, RunStatus,
+    MAX_BATCH, MAX_NAME_LEN,
+};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::auth::TenantAuth;
+use crate::error::ApiError;
+
+#[derive(Tags)]
+enum Tag {
+    /// Runs: units of work executed by workers.
+    Runs,
+}
+
+/// Answer of `POST /v1/runs`.
+#[derive(ApiResponse)]
+pub enum CreateRunResponse {
+    /// The run was created.
+    #[oai(status = 201)]
+    Created(Json<Run>),
+    /// A run with this `Idempotency-Key` already exists; it is returned unchanged.
+    #[oai(status = 200)]
+    Existing(Json<Run>),
+}
+
+/// Answer of `POST /v1/runs/batch`.
+#[derive(ApiResponse)]
+pub enum CreateRunsResponse {
+    /// The runs were created, in request order.
+    #[oai(status = 201)]
+    Created(Json<CreatedRuns>),
+}
+
+/// The runs endpoints.
+pub struct RunsApi {
+    pub(crate) pool: PgPool,
+    /// Custom step kinds accepted beside the built-in ones.
+    pub(crate) step_kinds: Vec<String>,
+}
+
+/// Most runs or events one page returns.
+const MAX_PAGE: u32 = 500;
+
+fn page_size(limit: Option<u32>, default: u32) -> Result<i64, ApiError> {
+    match limit.unwrap_or(default) {
+        0 => Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}, got 0"
+        ))),
+        n if n > MAX_PAGE => Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}, got {n}"
+        ))),
+        n => Ok(i64::from(n)),
+    }
+}
+
+#[OpenApi(prefix_path = "/v1", tag = "Tag::Runs")]
+impl RunsApi {
+    /// Submit a run
+    ///
+    /// Inserts the run, its steps and its `run.created` outbox row in one
+    /// transaction and wakes the workers. With an `Idempotency-Key`, a repeated
+    /// request of the same tenant returns the first run (200) instead of a new one.
+    #[oai(path = "/runs", method = "post", operation_id = "create_run")]
+    async fn create(
+        &self,
+        auth: TenantAuth,
+        body: Json<CreateRun>,
+        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
+    ) -> Result<CreateRunResponse, ApiError> {
+        let run = body.0;
+        run.validate(Some(&self.step_kinds))
+            .map_err(|e| ApiError::Unprocessable(e.0))?;
+        if let Some(key) = idempotency_key.0.as_deref() {
+            if key.is_empty() || key.len() > MAX_NAME_LEN {
+                return Err(ApiError::BadRequest(format!(
+                    "Idempotency-Key must be 1 to {MAX_NAME_LEN} bytes, got {}",
+                    key.len()
+                )));
+            }
+        }
+        let new = NewRun {
+            tenant_id: auth.0,
+            idempotency_key: idempotency_key.0,
+            run,
+        };
+        let mut conn = self.pool.acquire().await?;
+        let enqueued = runs::enqueue(&mut conn, new).await?;
+        Ok(if enqueued.created {
+            CreateRunResponse::Created(Json(enqueued.run))
+        } else {
+            CreateRunResponse::Existing(Json(enqueued.run))
+        })
+    }
+
+    /// Submit up to 1,000 runs at once
+    ///
+    /// All runs are inserted in one transaction with one statement per table:
+    /// either every run is created or none is.
+    #[oai(path = "/runs/batch", method = "post", operation_id = "create_runs")]
+    async fn create_batch(
+        &self,
+        auth: TenantAuth,
+        body: Json<CreateRuns>,
+    ) -> Result<CreateRunsResponse, ApiError> {
+        let requested = body.0.runs;
+        if requested.is_empty() || requested.len() > MAX_BATCH {
+            return Err(ApiError::Unprocessable(format!(
+                "a batch needs 1 to {MAX_BATCH} runs, got {}",
+                requested.len()
+            )));
+        }
+        for (index, run) in requested.iter().enumerate() {
+            run.validate(Some(&self.step_kinds))
+                .map_err(|e| ApiError::Unprocessable(format!("runs[{index}]: {}", e.0)))?;
+        }
+        let new: Vec<NewRun> = requested
+            .into_iter()
+            .map(|run| NewRun {
+                tenant_id: auth.0,
+                idempotency_key: None,
+                run,
+            })
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        let enqueued = runs::enqueue_many(&mut tx, new).await?;
+        tx.commit().await?;
+        Ok(CreateRunsResponse::Created(Json(CreatedRuns {
+            runs: enqueued.into_iter().map(|e| e.run).collect(),
+        })))
+    }
+
+    /// List runs
+    ///
+    /// Newest first. `GET /v1/runs?status=failed` is the dead-letter list. Pass
+    /// `next_cursor` of a page as `cursor` to get the next one.
+    #[oai(path = "/runs", method = "get", operation_id = "list_runs")]
+    async fn list(
+        &self,
+        auth: TenantAuth,
+        /// Only runs in this status.
+        status: Query<Option<RunStatus>>,
+        /// Only runs of this queue.
+        queue: Query<Option<String>>,
+        /// Only runs of this project.
+        project_id: Query<Option<Uuid>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<Uuid>>,
+        /// Page size, 1 to 500 (default 50).
+        limit: Query<Option<u32>>,
+    ) -> Result<Json<RunPage>, ApiError> {
+        let limit = page_size(limit.0, 50)?;
+        let filter = RunFilter {
+            status: status.0,
+            queue: queue.0,
+            project_id: project_id.0,
+            before: cursor.0,
+        };
+        let mut conn = self.pool.acquire().await?;
+        let runs = runs::list(&mut conn, auth.0, &filter, limit).await?;
+        let next_cursor = if runs.len() as i64 == limit {
+            runs.last().map(|run| run.id)
+        } else {
+            None
+        };
+        Ok(Json(RunPage { runs, next_cursor }))
+    }
+
+    /// Get a run with its steps
+    #[oai(path = "/runs/:id", method = "get", operation_id = "get_run")]
+    async fn get(&self, auth: TenantAuth, id: Path<Uuid>) -> Result<Json<RunDetail>, ApiError> {
+        let mut conn = self.pool.acquire().await?;
+        let run = runs::get(&mut conn, auth.0, id.0).await?;
+        let steps = steps::list(&mut conn, auth.0, id.0).await?;
+        Ok(Json(RunDetail { run, steps }))
+    }
+
+    /// List a run's events
+    ///
+    /// Oldest first. Pass `next_cursor` of a page as `after` for the next one.
+    #[oai(
+        path = "/runs/:id/events",
+        method = "get",
+        operation_id = "list_run_events"
+    )]
+    async fn events(
+        &self,
+        auth: TenantAuth,
+        id: Path<Uuid>,
+        /// Only events after this event id (`next_cursor` of the previous page).
+        after: Query<Option<i64>>,
+        /// Page size, 1 to 500 (default 100).
+        limit: Query<Option<u32>>,
+    ) -> Result<Json<EventPage>, ApiError> {
+        let limit = page_size(limit.0, 100)?;
+        let mut conn = self.pool.acquire().await?;
+        // 404 for a run of another tenant, not an empty page.
+        runs::get(&mut conn, auth.0, id.0).await?;
+        let events = events::list(&mut conn, auth.0, id.0, after.0.unwrap_or(0), limit).await?;
+        let next_cursor = if events.len() as i64 == limit {
+            events.last().map(|event| event.id)
+        } else {
+            None
+        };
+        Ok(Json(EventPage {
+            events,
+            next_cursor,
+        }))
+    }
+
+    /// Cancel a run
+    ///
+    /// A pending run is cancelled at once. A running run is flagged and its
+    /// worker stops it. Cancelling a cancelled run changes nothing.
+    #[oai(
+        path = "/runs/:id/cancel",
+        method = "post",
+        operation_id = "cancel_run"
+    )]
+    async fn cancel(&self, auth: TenantAuth, id: Path<Uuid>) -> Result<Json<Run>, ApiError> {
+        let mut tx = self.pool.begin().await?;
+        let run = runs::cancel(&mut tx, auth.0, id.0).await?;
+        tx.commit().await?;
+        Ok(Json(run))
+    }
+
+    /// Retry a failed, stopped or cancelled run
+    ///
+    /// The run goes back to pending with fresh attempts and resumes at its
+    /// first unfinished step.
+    #[oai(path = "/runs/:id/retry", method = "post", operation_id = "retry_run")]
+    async fn retry(&self, auth: TenantAuth, id: Path<Uuid>) -> Result<Json<Run>, ApiError> {
+        let mut tx = self.pool.begin().await?;
+        let run = runs::retry(&mut tx, auth.0, id.0).await?;
+        tx.commit().await?;
+        Ok(Json(run))
+    }
+}

@@ -1,0 +1,106 @@
+//! Settings of the `runq` subcommands, as clap-derived structs with an `env`
+//! variable on every option. The binary only composes them.
+
+use clap::Args;
+
+/// Where the database is.
+#[derive(Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// Postgres connection URL. `runq dev` and `runq bench` find or start a
+    /// server when it is not set.
+    #[arg(long = "database-url", env = "DATABASE_URL")]
+    pub url: Option<String>,
+    /// Connections in this process's pool.
+    #[arg(
+        long = "db-max-connections",
+        env = "RUNQ_DB_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
+    pub max_connections: u32,
+    /// Milliseconds a request waits for a pooled connection before it is
+    /// refused with 503.
+    #[arg(
+        long = "db-acquire-timeout-ms",
+        env = "RUNQ_DB_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 3000
+    )]
+    pub acquire_timeout_ms: u64,
+}
+
+/// The HTTP API.
+#[derive(Args, Debug, Clone)]
+pub struct ApiConfig {
+    /// Address to listen on.
+    #[arg(long, env = "RUNQ_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Largest request body accepted, in bytes; larger bodies get 413.
+    #[arg(long, env = "RUNQ_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Step kinds accepted beside the built-in `http`, `sleep`, `echo` and `fail`
+    /// (kinds your workers register), comma separated.
+    #[arg(long, env = "RUNQ_STEP_KINDS", value_delimiter = ',')]
+    pub step_kinds: Vec<String>,
+}
+
+/// A worker process.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerConfig {
+    /// Queues to claim from, comma separated.
+    #[arg(
+        long,
+        env = "RUNQ_QUEUES",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
+    pub queues: Vec<String>,
+    /// Runs executed at once.
+    #[arg(long, env = "RUNQ_CONCURRENCY", default_value_t = 10)]
+    pub concurrency: usize,
+    /// Runs claimed ahead of free slots and held locally (under lease) so an
+    /// idle slot never waits for a round trip. 0 turns prefetch off.
+    #[arg(long, env = "RUNQ_PREFETCH", default_value_t = 200)]
+    pub prefetch: usize,
+    /// Milliseconds between polls when no notification arrives.
+    #[arg(long, env = "RUNQ_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+    /// Milliseconds a claim lasts without a heartbeat.
+    #[arg(long, env = "RUNQ_LEASE_MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
+    /// Milliseconds between heartbeats (extends all held leases in one statement).
+    #[arg(long, env = "RUNQ_HEARTBEAT_MS", default_value_t = 5_000)]
+    pub heartbeat_ms: u64,
+    /// Milliseconds in-flight runs get to finish after SIGTERM before they are
+    /// handed back to pending.
+    #[arg(long, env = "RUNQ_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+    /// Retry delay after a first failed attempt, in milliseconds; doubles per attempt.
+    #[arg(long, env = "RUNQ_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub retry_base_ms: u64,
+    /// Longest retry delay, in milliseconds.
+    #[arg(long, env = "RUNQ_RETRY_MAX_MS", default_value_t = 3_600_000)]
+    pub retry_max_ms: u64,
+    /// Milliseconds between maintenance passes (lease rescue, stale workers).
+    #[arg(long, env = "RUNQ_MAINTENANCE_MS", default_value_t = 1_000)]
+    pub maintenance_ms: u64,
+    /// Most outcomes written by one completer transaction.
+    #[arg(long, env = "RUNQ_COMPLETE_BATCH", default_value_t = 1_000)]
+    pub complete_batch: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            queues: vec!["default".to_owned()],
+            concurrency: 10,
+            prefetch: 200,
+            poll_interval_ms: 1000,
+            lease_ms: 30_000,
+            heartbeat_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+            retry_base_ms: 1_000,
+            retry_max_ms: 3_600_000,
+            maintenance_ms: 1_000,
+            complete_batch: 1_000,
+        }
+    }
+}

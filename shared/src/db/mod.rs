@@ -1,0 +1,125 @@
+//! The database layer: all of runq's SQL, one module per table family.
+//!
+//! Functions take `&mut PgConnection` (a connection or an open transaction) so
+//! that a state change and its outbox row commit together: the caller decides
+//! where the transaction begins and ends.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub mod events;
+pub mod outbox;
+pub mod runs;
+pub mod steps;
+pub mod tenants;
+pub mod workers;
+
+/// The embedded migrations under `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// The channel the enqueue transaction notifies when runs become claimable.
+pub const PENDING_CHANNEL: &str = "runq_pending";
+/// The channel a cancel of a running run notifies, with the run id as payload.
+pub const CANCEL_CHANNEL: &str = "runq_cancel";
+
+/// Errors of the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No run with this id is visible to the tenant.
+    #[error("run {0} not found")]
+    RunNotFound(uuid::Uuid),
+    /// The run is not in a status that allows the operation.
+    #[error("run {id} is {status}; {operation} needs {needs}")]
+    WrongStatus {
+        /// The run.
+        id: uuid::Uuid,
+        /// Its current status.
+        status: &'static str,
+        /// What was attempted.
+        operation: &'static str,
+        /// Which statuses allow it.
+        needs: &'static str,
+    },
+    /// The referenced project does not exist for this tenant.
+    #[error("project {0} not found")]
+    ProjectNotFound(uuid::Uuid),
+    /// The input was refused before it reached the database.
+    #[error(transparent)]
+    Invalid(#[from] crate::model::InvalidRun),
+    /// Postgres or the connection failed.
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl DbError {
+    /// Whether the error means the database cannot be reached right now (as
+    /// opposed to a bad statement or bad data): callers answer 503 and retry.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Sqlx(err) => is_unavailable(err),
+            _ => false,
+        }
+    }
+}
+
+/// Whether `err` means the database cannot be reached right now.
+pub fn is_unavailable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            Some("57P01" | "57P02" | "57P03" | "53300" | "08000" | "08003" | "08006")
+        ),
+        _ => false,
+    }
+}
+
+/// Opens a pool of at most `max_connections` to `url`. `acquire_timeout` bounds
+/// how long a caller waits for a connection, so exhaustion fails fast.
+///
+/// # Errors
+///
+/// The URL does not parse. Connections are made lazily, so an unreachable
+/// server is reported by the first query, not here.
+pub fn pool(url: &str, max_connections: u32, acquire_timeout: Duration) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url.parse()?;
+    let options = options.application_name("runq");
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Applies pending migrations.
+///
+/// # Errors
+///
+/// The database is unreachable or a migration fails.
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Whether every embedded migration is applied: what `/ready` checks.
+///
+/// # Errors
+///
+/// The database is unreachable.
+pub async fn migrations_applied(pool: &PgPool) -> Result<bool, DbError> {
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar!("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await?;
+    Ok(applied.unwrap_or(0) >= latest)
+}

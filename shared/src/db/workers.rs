@@ -1,0 +1,78 @@
+//! The `workers` registry: who is running, and since when it was last heard from.
+
+use sqlx::PgConnection;
+
+use super::DbError;
+use crate::model::WorkerId;
+
+/// Registers worker `id`.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn register(
+    conn: &mut PgConnection,
+    id: WorkerId,
+    hostname: &str,
+    pid: i32,
+    queues: &[String],
+    concurrency: i32,
+) -> Result<(), DbError> {
+    sqlx::query!(
+        "INSERT INTO workers (id, hostname, pid, queues, concurrency) VALUES ($1, $2, $3, $4, $5)",
+        id,
+        hostname,
+        pid,
+        queues,
+        concurrency,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Records that worker `id` is alive.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn heartbeat(conn: &mut PgConnection, id: WorkerId) -> Result<(), DbError> {
+    sqlx::query!(
+        "UPDATE workers SET last_heartbeat_at = now() WHERE id = $1",
+        id
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks worker `id` stopped (graceful exit).
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn stop(conn: &mut PgConnection, id: WorkerId) -> Result<(), DbError> {
+    sqlx::query!(
+        "UPDATE workers SET stopped_at = now() WHERE id = $1 AND stopped_at IS NULL",
+        id
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks workers silent for longer than `stale_ms` as gone; returns how many.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn mark_gone(conn: &mut PgConnection, stale_ms: i64) -> Result<u64, DbError> {
+    let done = sqlx::query!(
+        "UPDATE workers SET stopped_at = now()
+         WHERE stopped_at IS NULL AND last_heartbeat_at < now() - $1 * interval '1 millisecond'",
+        stale_ms as f64,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}

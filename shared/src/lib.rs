@@ -1,0 +1,18 @@
+//! runq-shared: everything the API, the workers and library users agree on.
+//!
+//! - [`model`]: the payloads that cross a process boundary (API bodies, outbox
+//!   events, the step envelope), each one serde type also described in OpenAPI.
+//! - [`db`]: every SQL statement runq runs, one module per table family. Each
+//!   function takes `&mut PgConnection` so the caller owns the transaction.
+//! - [`config`]: clap-derived settings shared by the `runq` subcommands.
+//! - [`postgres`]: finding or starting a Postgres server without configuration.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod db;
+pub mod model;
+pub mod postgres;
+
+pub use db::runs::{enqueue, enqueue_many};
+pub use db::DbError;
+pub use model::*;

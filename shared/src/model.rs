@@ -1,0 +1,644 @@
+//! The payloads that cross a process boundary: API bodies, outbox events and the
+//! step envelope. Each is one type, serialised by serde and described in the
+//! OpenAPI spec by poem-openapi; the contract tests check that both agree.
+
+use chrono::{DateTime, Utc};
+use poem_openapi::{Enum, Object};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A run's id: a UUIDv7, so ids sort by creation time.
+pub type RunId = Uuid;
+/// A tenant's id.
+pub type TenantId = Uuid;
+/// A worker process's id, written into `runs.locked_by` while it holds a lease.
+pub type WorkerId = Uuid;
+
+/// Most steps a run may have.
+pub const MAX_STEPS: usize = 64;
+/// Most runs one batch request or one `enqueue_many` call may insert.
+pub const MAX_BATCH: usize = 1_000;
+/// Longest queue name, in bytes.
+pub const MAX_QUEUE_LEN: usize = 64;
+/// Longest step name, step kind and idempotency key, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+/// Most attempts a run may be given.
+pub const MAX_ATTEMPTS: i32 = 100;
+/// The step kinds every worker can execute.
+pub const BUILTIN_STEP_KINDS: [&str; 4] = ["http", "sleep", "echo", "fail"];
+
+/// Where a run is in its life. Mirrors the Postgres enum `run_status`.
+#[derive(sqlx::Type, Enum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[sqlx(type_name = "run_status", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+#[oai(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Waiting for `run_at`. Entered on enqueue, on a retry with attempts left,
+    /// from the rescuer, on a worker's graceful hand-back and on an API retry.
+    /// Left when a worker claims it or a client cancels it.
+    Pending,
+    /// Claimed by a worker holding a lease. Left by that worker's completion or
+    /// by the rescuer when the lease expires.
+    Running,
+    /// Every step succeeded. Terminal.
+    Succeeded,
+    /// A step failed and no attempts are left: the dead-letter set. Left only
+    /// through an API retry.
+    Failed,
+    /// Stopped by a duration or event cap. Left only through an API retry.
+    StoppedQuota,
+    /// Cancelled by a client. Left only through an API retry.
+    Cancelled,
+}
+
+impl RunStatus {
+    /// The status as stored and as written in URLs and payloads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Pending => "pending",
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::StoppedQuota => "stopped_quota",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether a run in this status is finished until someone retries it.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Succeeded
+                | RunStatus::Failed
+                | RunStatus::StoppedQuota
+                | RunStatus::Cancelled
+        )
+    }
+}
+
+/// Where a step is. Mirrors the Postgres enum `step_status`.
+#[derive(sqlx::Type, Enum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[sqlx(type_name = "step_status", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+#[oai(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Not yet finished by any attempt (also a step that is executing now).
+    Pending,
+    /// Finished; its output is checkpointed and a retried run skips it.
+    Succeeded,
+    /// Failed on the run's latest attempt.
+    Failed,
+}
+
+/// One stage of a run's pipeline, as submitted.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct NewStep {
+    /// Name shown in the run's detail; need not be unique.
+    pub name: String,
+    /// The handler that executes the step: `http`, `sleep`, `echo`, `fail` or a
+    /// kind a worker registered.
+    pub kind: String,
+    /// Handler input. `http`: `{"url": ..., "body"?: ..., "timeout_ms"?: ...}`;
+    /// `sleep`: `{"ms": ...}`; `fail`: `{"message"?: ...}`; `echo`: anything.
+    #[oai(default)]
+    #[serde(default)]
+    pub input: Value,
+    /// Seconds this step may take before it fails (and is retried like any failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i32>,
+}
+
+impl NewStep {
+    /// A step of `kind` named `name` with `input`.
+    pub fn new(name: impl Into<String>, kind: impl Into<String>, input: Value) -> Self {
+        Self {
+            name: name.into(),
+            kind: kind.into(),
+            input,
+            timeout_seconds: None,
+        }
+    }
+}
+
+fn default_queue() -> String {
+    "default".to_owned()
+}
+
+fn default_max_attempts() -> i32 {
+    3
+}
+
+/// The body of `POST /v1/runs`: what to run, where and when.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRun {
+    /// Queue the run waits in; workers name the queues they serve.
+    #[oai(default = "default_queue")]
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// Higher runs first within a queue (-32768..=32767).
+    #[oai(default)]
+    #[serde(default)]
+    pub priority: i16,
+    /// Earliest start; omitted means now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Attempts before the run is `failed` (1..=100).
+    #[oai(default = "default_max_attempts")]
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: i32,
+    /// Seconds the whole run may take, capped by the server's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i32>,
+    /// Project (target under test) the run belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<Uuid>,
+    /// Free-form JSON object handed to every step, unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// The pipeline, 1 to 64 steps, executed in order.
+    pub steps: Vec<NewStep>,
+}
+
+impl CreateRun {
+    /// A run of `steps` on the `default` queue with the default settings.
+    pub fn new(steps: Vec<NewStep>) -> Self {
+        Self {
+            queue: default_queue(),
+            priority: 0,
+            run_at: None,
+            max_attempts: default_max_attempts(),
+            timeout_seconds: None,
+            project_id: None,
+            metadata: None,
+            steps,
+        }
+    }
+
+    /// Checks what the type system cannot: sizes, ranges and step kinds.
+    /// `extra_kinds` are the custom kinds this deployment accepts beside the
+    /// built-in ones; `None` accepts any kind (library callers register their
+    /// own handlers, which the database layer cannot know).
+    ///
+    /// # Errors
+    ///
+    /// The first problem found, naming the field and the bad value.
+    pub fn validate(&self, extra_kinds: Option<&[String]>) -> Result<(), InvalidRun> {
+        let queue = &self.queue;
+        if queue.is_empty() || queue.len() > MAX_QUEUE_LEN {
+            return Err(InvalidRun(format!(
+                "queue name '{}' must be 1 to {MAX_QUEUE_LEN} bytes",
+                truncate(queue)
+            )));
+        }
+        if queue.chars().any(char::is_control) {
+            return Err(InvalidRun(format!(
+                "queue name '{}' contains a control character",
+                truncate(queue)
+            )));
+        }
+        if !(1..=MAX_ATTEMPTS).contains(&self.max_attempts) {
+            return Err(InvalidRun(format!(
+                "max_attempts {} is outside 1..={MAX_ATTEMPTS}",
+                self.max_attempts
+            )));
+        }
+        if let Some(timeout) = self.timeout_seconds {
+            if timeout < 1 {
+                return Err(InvalidRun(format!(
+                    "timeout_seconds {timeout} must be at least 1"
+                )));
+            }
+        }
+        if let Some(metadata) = &self.metadata {
+            if !metadata.is_object() {
+                return Err(InvalidRun("metadata must be a JSON object".to_owned()));
+            }
+        }
+        if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
+            return Err(InvalidRun(format!(
+                "a run needs 1 to {MAX_STEPS} steps, got {}",
+                self.steps.len()
+            )));
+        }
+        for (position, step) in self.steps.iter().enumerate() {
+            step.validate(position, extra_kinds)?;
+        }
+        Ok(())
+    }
+}
+
+impl NewStep {
+    fn validate(&self, position: usize, extra_kinds: Option<&[String]>) -> Result<(), InvalidRun> {
+        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
+            return Err(InvalidRun(format!(
+                "steps[{position}].name must be 1 to {MAX_NAME_LEN} bytes"
+            )));
+        }
+        let kind = self.kind.as_str();
+        if kind.is_empty() || kind.len() > MAX_NAME_LEN {
+            return Err(InvalidRun(format!(
+                "steps[{position}].kind must be 1 to {MAX_NAME_LEN} bytes"
+            )));
+        }
+        let Some(extra_kinds) = extra_kinds else {
+            return self.validate_input(position);
+        };
+        if !BUILTIN_STEP_KINDS.contains(&kind) && !extra_kinds.iter().any(|k| k == kind) {
+            return Err(InvalidRun(format!(
+                "steps[{position}].kind '{}' is not a known step kind (known: {})",
+                truncate(kind),
+                BUILTIN_STEP_KINDS
+                    .iter()
+                    .copied()
+                    .chain(extra_kinds.iter().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        self.validate_input(position)
+    }
+
+    fn validate_input(&self, position: usize) -> Result<(), InvalidRun> {
+        if let Some(timeout) = self.timeout_seconds {
+            if timeout < 1 {
+                return Err(InvalidRun(format!(
+                    "steps[{position}].timeout_seconds {timeout} must be at least 1"
+                )));
+            }
+        }
+        match self.kind.as_str() {
+            "http" => {
+                let url = self.input.get("url").and_then(Value::as_str);
+                match url {
+                    Some(url) if url.starts_with("http://") || url.starts_with("https://") => {}
+                    Some(url) => {
+                        return Err(InvalidRun(format!(
+                            "steps[{position}].input.url '{}' must start with http:// or https://",
+                            truncate(url)
+                        )))
+                    }
+                    None => {
+                        return Err(InvalidRun(format!(
+                            "steps[{position}].input.url is required for an http step"
+                        )))
+                    }
+                }
+            }
+            "sleep" => {
+                if !self.input.get("ms").is_some_and(Value::is_u64) {
+                    return Err(InvalidRun(format!(
+                        "steps[{position}].input.ms (a non-negative integer) is required for a sleep step"
+                    )));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn truncate(value: &str) -> &str {
+    match value.char_indices().nth(80) {
+        Some((end, _)) => &value[..end],
+        None => value,
+    }
+}
+
+/// Why a run or step body was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidRun(pub String);
+
+/// A run to insert through [`crate::db::runs::enqueue`]: the API body plus who
+/// owns it and its optional idempotency key.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// Owner of the run.
+    pub tenant_id: TenantId,
+    /// Same key and tenant return the existing run instead of a new one.
+    pub idempotency_key: Option<String>,
+    /// What to run.
+    pub run: CreateRun,
+}
+
+impl NewRun {
+    /// A run of `steps` for `tenant_id` with default settings.
+    pub fn new(tenant_id: TenantId, steps: Vec<NewStep>) -> Self {
+        Self {
+            tenant_id,
+            idempotency_key: None,
+            run: CreateRun::new(steps),
+        }
+    }
+}
+
+/// Why a run or a step failed or stopped. Stored in `runs.error` and
+/// `run_steps.error`, and carried by outbox events.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RunError {
+    /// Machine-readable cause.
+    pub reason: ErrorReason,
+    /// What happened, for people.
+    pub message: String,
+    /// The step that failed, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<i32>,
+}
+
+/// Machine-readable causes of a failure.
+#[derive(Enum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+#[oai(rename_all = "snake_case")]
+pub enum ErrorReason {
+    /// A step's handler returned an error.
+    StepFailed,
+    /// A step exceeded its own timeout.
+    StepTimeout,
+    /// No handler is registered for the step's kind on the worker that claimed it.
+    UnknownStepKind,
+    /// The worker holding the run stopped heartbeating; the rescuer took it back.
+    LeaseExpired,
+    /// The run exceeded its duration cap.
+    DurationCap,
+    /// A client cancelled the run.
+    Cancelled,
+}
+
+/// A run as the API returns it.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Run {
+    /// Time-ordered id (UUIDv7).
+    pub id: RunId,
+    /// Owner.
+    pub tenant_id: TenantId,
+    /// Project, if the run was filed under one.
+    pub project_id: Option<Uuid>,
+    /// Queue it waits in.
+    pub queue: String,
+    /// Higher runs first.
+    pub priority: i16,
+    /// Current status.
+    pub status: RunStatus,
+    /// Earliest next start.
+    pub run_at: DateTime<Utc>,
+    /// Attempts started so far.
+    pub attempt: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// Seconds the run may take.
+    pub timeout_seconds: Option<i32>,
+    /// The metadata given at creation.
+    pub metadata: Value,
+    /// The idempotency key given at creation.
+    pub idempotency_key: Option<String>,
+    /// A client asked to cancel the running run; the worker stops it.
+    pub cancel_requested: bool,
+    /// Output of the last step, once the run succeeded.
+    pub result: Option<Value>,
+    /// Why the latest attempt failed or stopped.
+    pub error: Option<Value>,
+    /// When the run was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When the latest attempt was claimed.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the run reached a terminal status.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A step of a run as the API returns it.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Step {
+    /// Zero-based index in the pipeline.
+    pub position: i32,
+    /// Name given at creation.
+    pub name: String,
+    /// Handler kind.
+    pub kind: String,
+    /// Input given at creation.
+    pub input: Value,
+    /// Seconds the step may take.
+    pub timeout_seconds: Option<i32>,
+    /// Current status.
+    pub status: StepStatus,
+    /// The run attempt that last finished this step (0: never ran).
+    pub attempt: i32,
+    /// The handler's output, once the step succeeded.
+    pub output: Option<Value>,
+    /// Why the step failed.
+    pub error: Option<Value>,
+    /// When the step last started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the step last finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A run with its steps: `GET /v1/runs/{id}`.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RunDetail {
+    /// The run.
+    #[oai(flatten)]
+    #[serde(flatten)]
+    pub run: Run,
+    /// Its steps, in order.
+    pub steps: Vec<Step>,
+}
+
+/// Something that happened during a run: a step's reply, a log line.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Increasing id; events of a run sort by it.
+    pub id: i64,
+    /// The attempt during which it happened.
+    pub attempt: i32,
+    /// The step that recorded it, if any.
+    pub position: Option<i32>,
+    /// What kind of event (`http.response`, `log`, ...).
+    pub kind: String,
+    /// Event data.
+    pub data: Value,
+    /// When it was recorded.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An event a handler records while a step executes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// What kind of event (`http.response`, `log`, ...).
+    pub kind: String,
+    /// Event data.
+    pub data: Value,
+}
+
+/// The state changes that write an outbox row.
+#[derive(Enum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    /// API or library insert.
+    #[serde(rename = "run.created")]
+    #[oai(rename = "run.created")]
+    Created,
+    /// A worker claimed it.
+    #[serde(rename = "run.started")]
+    #[oai(rename = "run.started")]
+    Started,
+    /// Every step succeeded.
+    #[serde(rename = "run.succeeded")]
+    #[oai(rename = "run.succeeded")]
+    Succeeded,
+    /// Failed with attempts left: pending again after a backoff.
+    #[serde(rename = "run.retrying")]
+    #[oai(rename = "run.retrying")]
+    Retrying,
+    /// Failed with no attempts left.
+    #[serde(rename = "run.failed")]
+    #[oai(rename = "run.failed")]
+    Failed,
+    /// Cancelled by a client.
+    #[serde(rename = "run.cancelled")]
+    #[oai(rename = "run.cancelled")]
+    Cancelled,
+    /// Stopped by a duration or event cap.
+    #[serde(rename = "run.stopped")]
+    #[oai(rename = "run.stopped")]
+    Stopped,
+    /// A shutting-down worker handed it back unfinished, without charging the attempt.
+    #[serde(rename = "run.released")]
+    #[oai(rename = "run.released")]
+    Released,
+    /// A client retried a finished run.
+    #[serde(rename = "run.requeued")]
+    #[oai(rename = "run.requeued")]
+    Requeued,
+}
+
+impl EventType {
+    /// The name stored in `outbox.event_type` and the payload's `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Created => "run.created",
+            EventType::Started => "run.started",
+            EventType::Succeeded => "run.succeeded",
+            EventType::Retrying => "run.retrying",
+            EventType::Failed => "run.failed",
+            EventType::Cancelled => "run.cancelled",
+            EventType::Stopped => "run.stopped",
+            EventType::Released => "run.released",
+            EventType::Requeued => "run.requeued",
+        }
+    }
+}
+
+/// The payload of an outbox row: what relays deliver to webhooks and streams.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxEvent {
+    /// Which state change.
+    #[oai(rename = "type")]
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    /// When the change committed (database clock).
+    pub occurred_at: DateTime<Utc>,
+    /// The run as the change left it.
+    pub run: RunSnapshot,
+}
+
+/// The part of a run an outbox event carries.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct RunSnapshot {
+    /// The run's id.
+    pub id: RunId,
+    /// Owner.
+    pub tenant_id: TenantId,
+    /// Queue.
+    pub queue: String,
+    /// Status after the change.
+    pub status: RunStatus,
+    /// Attempts started so far.
+    pub attempt: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// Earliest next start.
+    pub run_at: DateTime<Utc>,
+    /// Why it failed or stopped.
+    pub error: Option<RunError>,
+    /// Output of the last step.
+    pub result: Option<Value>,
+}
+
+/// What a handler receives: the step envelope.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StepInput {
+    /// The run being executed.
+    pub id: RunId,
+    /// The run's current attempt.
+    pub attempt: i32,
+    /// This step's index.
+    pub position: i32,
+    /// This step's name.
+    pub name: String,
+    /// This step's input, as submitted.
+    pub input: Value,
+    /// The previous step's output (`null` for the first step).
+    pub prev: Value,
+    /// Every earlier step's output, in order.
+    pub results: Vec<Value>,
+    /// The run's metadata.
+    pub metadata: Value,
+}
+
+/// The body of `POST /v1/runs/batch`.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRuns {
+    /// 1 to 1,000 runs, inserted in one transaction: all or none.
+    pub runs: Vec<CreateRun>,
+}
+
+/// The answer of `POST /v1/runs/batch`: the runs in request order.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CreatedRuns {
+    /// The inserted runs.
+    pub runs: Vec<Run>,
+}
+
+/// A page of `GET /v1/runs`.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RunPage {
+    /// Runs, newest first.
+    pub runs: Vec<Run>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<RunId>,
+}
+
+/// A page of `GET /v1/runs/{id}/events`.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct EventPage {
+    /// Events, oldest first.
+    pub events: Vec<Event>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_cursor: Option<i64>,
+}
+
+/// An RFC 9457 problem: the body of every error the API returns, served as
+/// `application/problem+json`.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// Identifies the kind of problem (`urn:runq:problem:<slug>`).
+    #[oai(rename = "type")]
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    /// Short summary of the kind of problem.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong with this request, and what to fix.
+    pub detail: String,
+}

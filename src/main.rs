@@ -1,0 +1,251 @@
+//! `runq`: the one binary. Subcommands compose the crates; no logic of their
+//! own beyond wiring, signals and printing.
+
+mod bench;
+mod client;
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use runq_shared::config::{ApiConfig, DatabaseArgs, WorkerConfig};
+use runq_shared::db;
+use runq_worker::Worker;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "runq", version, about = "A Postgres-native run queue")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the REST API.
+    Api {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        api: ApiConfig,
+        /// Do not apply pending migrations at start.
+        #[arg(long, env = "RUNQ_NO_MIGRATE")]
+        no_migrate: bool,
+    },
+    /// Claim and execute runs until SIGTERM or SIGINT.
+    Worker {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        worker: WorkerConfig,
+        /// Do not apply pending migrations at start.
+        #[arg(long, env = "RUNQ_NO_MIGRATE")]
+        no_migrate: bool,
+    },
+    /// API and a worker in one process, on a database found without
+    /// configuration; prints a token and the docs URL.
+    Dev {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        api: ApiConfig,
+        #[command(flatten)]
+        worker: WorkerConfig,
+    },
+    /// Apply pending migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Tenant name (created if missing).
+        #[arg(long, env = "RUNQ_TENANT", default_value = "default")]
+        tenant: String,
+        /// A label for the token.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// Submit a run through the API.
+    Enqueue(client::EnqueueArgs),
+    /// Show a run and its steps.
+    Status(client::StatusArgs),
+    /// Follow a run's events until it finishes.
+    Tail(client::StatusArgs),
+    /// The load tool: enqueue, drain and latency figures as one JSON line.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("runq: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("runq: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Api {
+            database,
+            api,
+            no_migrate,
+        } => {
+            let pool = connect(&database, !no_migrate).await?;
+            tracing::info!(listen = %api.listen, "api listening");
+            runq_api::serve(pool, &api, shutdown_signal().cancelled_owned())
+                .await
+                .with_context(|| format!("serving on {}", api.listen))?;
+        }
+        Command::Worker {
+            database,
+            worker,
+            no_migrate,
+        } => {
+            let pool = connect(&database, !no_migrate).await?;
+            Worker::new(pool, worker).run(shutdown_signal()).await?;
+        }
+        Command::Dev {
+            database,
+            api,
+            worker,
+        } => dev(database, api, worker).await?,
+        Command::Migrate { database } => {
+            connect(&database, true).await?;
+            println!("migrations applied");
+        }
+        Command::Token {
+            database,
+            tenant,
+            name,
+        } => {
+            let pool = connect(&database, true).await?;
+            let mut conn = pool.acquire().await?;
+            let tenant_id = db::tenants::ensure(&mut conn, &tenant).await?;
+            let token = db::tenants::create_token(&mut conn, tenant_id, &name).await?;
+            println!("{token}");
+        }
+        Command::Enqueue(args) => client::enqueue(args).await?,
+        Command::Status(args) => client::status(args).await?,
+        Command::Tail(args) => client::tail(args).await?,
+        Command::Bench(args) => bench::run(args).await?,
+    }
+    Ok(())
+}
+
+/// Opens the pool for `database` and, if asked, applies migrations.
+async fn connect(database: &DatabaseArgs, migrate: bool) -> anyhow::Result<PgPool> {
+    let Some(url) = database.url.as_deref() else {
+        bail!("no database: set DATABASE_URL or pass --database-url");
+    };
+    open_pool(url, database, migrate).await
+}
+
+async fn open_pool(url: &str, database: &DatabaseArgs, migrate: bool) -> anyhow::Result<PgPool> {
+    let pool = db::pool(
+        url,
+        database.max_connections,
+        Duration::from_millis(database.acquire_timeout_ms),
+    )
+    .context("parsing the database URL")?;
+    if migrate {
+        db::migrate(&pool).await.context("applying migrations")?;
+    }
+    Ok(pool)
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = terminate => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    token
+}
+
+async fn dev(database: DatabaseArgs, api: ApiConfig, worker: WorkerConfig) -> anyhow::Result<()> {
+    let picked = runq_shared::postgres::pick_database(database.url.as_deref(), "runq")
+        .await
+        .context("finding a database")?;
+    let pool = open_pool(&picked.url, &database, true).await?;
+    let mut conn = pool.acquire().await?;
+    let tenant = db::tenants::ensure(&mut conn, "dev").await?;
+    let token = db::tenants::create_token(&mut conn, tenant, "dev").await?;
+    drop(conn);
+    let listener = std::net::TcpListener::bind(&api.listen)
+        .with_context(|| format!("binding {}", api.listen))?;
+    let address = listener.local_addr()?;
+    println!("runq dev is up");
+    println!("  database  {} ({})", redact(&picked.url), picked.source);
+    println!("  api       http://{address}/v1");
+    println!("  docs      http://{address}/docs");
+    println!("  token     {token}");
+    println!();
+    println!("try:");
+    println!(
+        "  curl -s -X POST http://{address}/v1/runs -H 'Authorization: Bearer {token}' \
+         -H 'Content-Type: application/json' \
+         -d '{{\"steps\":[{{\"name\":\"hello\",\"kind\":\"echo\",\"input\":{{\"greeting\":\"hi\"}}}}]}}'"
+    );
+    let shutdown = shutdown_signal();
+    let worker_task = tokio::spawn(Worker::new(pool.clone(), worker).run(shutdown.clone()));
+    let served = runq_api::serve_on(listener, pool, &api, shutdown.clone().cancelled_owned()).await;
+    shutdown.cancel();
+    let worker_result = worker_task.await.context("worker task")?;
+    served.context("serving the API")?;
+    worker_result?;
+    drop(picked);
+    Ok(())
+}
+
+/// The URL without its password, for printing.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,20 @@
+//! runq-worker: claims runs from Postgres and executes their pipelines.
+//!
+//! - [`Worker`]: the claim loop (batched claims with a bounded prefetch,
+//!   `LISTEN`/`NOTIFY` wake-ups with polling as a fallback), executors in a
+//!   `JoinSet`, batched heartbeats, and graceful shutdown.
+//! - [`handler`]: the [`Handler`] trait for custom step kinds and the built-in
+//!   `http`, `sleep`, `echo` and `fail`.
+//! - completer: writes checkpoints and outcomes in fenced batches.
+//! - [`maintenance`]: the lease rescuer, run by every worker.
+#![warn(missing_docs)]
+
+mod completer;
+mod executor;
+pub mod handler;
+mod leases;
+pub mod maintenance;
+mod worker;
+
+pub use handler::{Events, Handler, Handlers, StepError};
+pub use worker::{Worker, WorkerError, WorkerReport};

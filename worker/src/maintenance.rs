@@ -1,0 +1,82 @@
+//! Maintenance that runs inside every worker: rescuing runs whose lease
+//! expired and marking silent workers gone. Each service is coordinated
+//! through Postgres (`SKIP LOCKED` on the rows it changes), so any number of
+//! workers run it and none is special.
+
+use std::time::Duration;
+
+use runq_shared::db::runs::{self, Backoff, RescueReport};
+use runq_shared::db::{workers, DbError};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Most runs one rescue statement takes back.
+const RESCUE_BATCH: i64 = 1_000;
+
+/// Takes back runs whose worker stopped heartbeating.
+#[derive(Clone)]
+pub struct Rescuer {
+    pool: PgPool,
+    backoff: Backoff,
+    /// Workers silent this long are marked gone.
+    stale_worker_ms: i64,
+}
+
+impl Rescuer {
+    /// A rescuer retrying rescued runs with `backoff`.
+    pub fn new(pool: PgPool, backoff: Backoff, stale_worker_ms: i64) -> Self {
+        Self {
+            pool,
+            backoff,
+            stale_worker_ms,
+        }
+    }
+
+    /// One pass: rescues every expired lease (in batches) and marks silent
+    /// workers gone.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn run_once(&self) -> Result<RescueReport, DbError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut total = RescueReport::default();
+        loop {
+            let report = runs::rescue_expired(&mut conn, RESCUE_BATCH, self.backoff).await?;
+            total.retried += report.retried;
+            total.failed += report.failed;
+            if report.retried + report.failed < RESCUE_BATCH as u64 {
+                break;
+            }
+        }
+        workers::mark_gone(&mut conn, self.stale_worker_ms).await?;
+        Ok(total)
+    }
+
+    /// Calls [`Rescuer::run_once`] every `every` until `shutdown` fires.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a pass interrupted mid-statement rolls back.
+    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.run_once().await {
+                Ok(report) if report.retried + report.failed > 0 => {
+                    tracing::info!(
+                        retried = report.retried,
+                        failed = report.failed,
+                        "rescued expired leases"
+                    );
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "rescue pass failed"),
+            }
+        }
+    }
+}
