@@ -75,6 +75,8 @@ enum Command {
     Status(client::StatusArgs),
     /// Follow a run's events until it finishes.
     Tail(client::StatusArgs),
+    /// Print the OpenAPI document (as committed in openapi/openapi.json).
+    Openapi,
     /// The load tool: enqueue, drain and latency figures as one JSON line.
     Bench(bench::BenchArgs),
 }
@@ -135,7 +137,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             worker,
         } => dev(database, api, worker).await?,
         Command::Migrate { database } => {
-            connect(&database, true).await?;
+            let Some(url) = database.url.as_deref() else {
+                bail!("no database: set DATABASE_URL or pass --database-url");
+            };
+            create_database_for(url).await?;
+            open_pool(url, &database, true).await?;
             println!("migrations applied");
         }
         Command::Token {
@@ -152,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enqueue(args) => client::enqueue(args).await?,
         Command::Status(args) => client::status(args).await?,
         Command::Tail(args) => client::tail(args).await?,
+        Command::Openapi => println!("{}", runq_api::spec()),
         Command::Bench(args) => bench::run(args).await?,
     }
     Ok(())
@@ -176,6 +183,21 @@ async fn open_pool(url: &str, database: &DatabaseArgs, migrate: bool) -> anyhow:
         db::migrate(&pool).await.context("applying migrations")?;
     }
     Ok(pool)
+}
+
+/// Creates the database `url` names, through the same server's `postgres`
+/// database, unless it exists.
+async fn create_database_for(url: &str) -> anyhow::Result<()> {
+    let mut admin = url::Url::parse(url).context("parsing the database URL")?;
+    let name = admin.path().trim_start_matches('/').to_owned();
+    if name.is_empty() {
+        return Ok(());
+    }
+    admin.set_path("/postgres");
+    runq_shared::postgres::create_database(admin.as_str(), &name)
+        .await
+        .with_context(|| format!("creating database '{name}'"))?;
+    Ok(())
 }
 
 /// A token cancelled on the first SIGTERM or SIGINT.

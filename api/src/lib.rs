@@ -57,7 +57,22 @@ impl HealthApi {
     }
 }
 
-fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<(RunsApi, HealthApi), ()> {
+/// Payloads runq sends to other services, described as OpenAPI webhooks.
+#[poem_openapi::Webhook]
+#[allow(dead_code)]
+trait Outgoing: Sync {
+    /// Outbox event
+    ///
+    /// One per state change of a run, written in the transaction of the
+    /// change; relays deliver them in `id` order.
+    #[oai(name = "run.event", method = "post")]
+    fn run_event(&self, event: poem_openapi::payload::Json<runq_shared::OutboxEvent>);
+}
+
+fn service(
+    pool: PgPool,
+    config: &ApiConfig,
+) -> OpenApiService<(RunsApi, HealthApi), &'static dyn Outgoing> {
     let runs = RunsApi {
         pool: pool.clone(),
         step_kinds: config.step_kinds.clone(),
@@ -73,6 +88,7 @@ fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<(RunsApi, HealthA
              application/problem+json documents.",
     )
     .license("Apache-2.0")
+    .webhooks::<&dyn Outgoing>()
 }
 
 /// The OpenAPI document the API serves at `/openapi.json`, as committed in
@@ -83,18 +99,50 @@ pub fn spec() -> String {
         max_body_bytes: 0,
         step_kinds: Vec::new(),
     };
-    // The pool is never used: building the document makes no connection.
+    // The pool is never used: building the document makes no connection, and
+    // without lifetimes or minimum connections it spawns no maintenance task,
+    // so this works outside a runtime.
     let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .min_connections(0)
         .connect_lazy("postgres://localhost/spec")
         .expect("a constant URL parses");
-    service(pool, &config).spec()
+    with_extra_schemas(&service(pool, &config).spec())
+}
+
+/// Adds the payloads that cross a process boundary outside the HTTP API (the
+/// step envelope an `http` step POSTs) to the document's components, so the
+/// spec describes every contract.
+fn with_extra_schemas(spec: &str) -> String {
+    let mut registry = poem_openapi::registry::Registry::new();
+    <runq_shared::StepInput as poem_openapi::types::Type>::register(&mut registry);
+    let Ok(mut document) = serde_json::from_str::<serde_json::Value>(spec) else {
+        return spec.to_owned();
+    };
+    if let Some(schemas) = document
+        .pointer_mut("/components/schemas")
+        .and_then(|s| s.as_object_mut())
+    {
+        for (name, schema) in registry.schemas {
+            if let Ok(schema) = serde_json::to_value(schema) {
+                schemas.entry(name).or_insert(schema);
+            }
+        }
+    }
+    serde_json::to_string_pretty(&document).unwrap_or_else(|_| spec.to_owned())
 }
 
 /// The whole application: routes, docs, body limit and problem+json errors.
 pub fn app(pool: PgPool, config: &ApiConfig) -> impl Endpoint {
     let api = service(pool.clone(), config);
     let docs = api.swagger_ui();
-    let spec = api.spec_endpoint();
+    let document = with_extra_schemas(&api.spec());
+    let spec = poem::endpoint::make_sync(move |_| {
+        poem::Response::builder()
+            .content_type("application/json")
+            .body(document.clone())
+    });
     let max_body = config.max_body_bytes;
     Route::new()
         .nest("/", api)

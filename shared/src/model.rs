@@ -108,6 +108,7 @@ pub struct NewStep {
     pub input: Value,
     /// Seconds this step may take before it fails (and is retried like any failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
     pub timeout_seconds: Option<i32>,
 }
 
@@ -146,6 +147,7 @@ pub struct CreateRun {
     pub priority: i16,
     /// Earliest start; omitted means now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
     pub run_at: Option<DateTime<Utc>>,
     /// Attempts before the run is `failed` (1..=100).
     #[oai(default = "default_max_attempts")]
@@ -153,12 +155,15 @@ pub struct CreateRun {
     pub max_attempts: i32,
     /// Seconds the whole run may take, capped by the server's limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
     pub timeout_seconds: Option<i32>,
     /// Project (target under test) the run belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
     pub project_id: Option<Uuid>,
     /// Free-form JSON object handed to every step, unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
     pub metadata: Option<Value>,
     /// The pipeline, 1 to 64 steps, executed in order.
     pub steps: Vec<NewStep>,
@@ -289,12 +294,10 @@ impl NewStep {
                     }
                 }
             }
-            "sleep" => {
-                if !self.input.get("ms").is_some_and(Value::is_u64) {
-                    return Err(InvalidRun(format!(
-                        "steps[{position}].input.ms (a non-negative integer) is required for a sleep step"
-                    )));
-                }
+            "sleep" if !self.input.get("ms").is_some_and(Value::is_u64) => {
+                return Err(InvalidRun(format!(
+                    "steps[{position}].input.ms (a non-negative integer) is required for a sleep step"
+                )));
             }
             _ => {}
         }
@@ -347,6 +350,7 @@ pub struct RunError {
     pub message: String,
     /// The step that failed, when one did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
     pub position: Option<i32>,
 }
 
@@ -572,8 +576,9 @@ pub struct RunSnapshot {
     pub result: Option<Value>,
 }
 
-/// What a handler receives: the step envelope.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+/// What a handler receives: the step envelope. The `http` handler POSTs it
+/// as the request body.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct StepInput {
     /// The run being executed.
     pub id: RunId,

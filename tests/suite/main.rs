@@ -1,1 +1,11 @@
+//! runq's Postgres-backed integration suite. Each test gets its own migrated
+//! database (see `support`), so tests run in parallel without sharing state.
 
+mod support;
+
+mod api;
+mod claim;
+mod contract;
+mod execution;
+mod load;
+mod shutdown;

@@ -1,0 +1,668 @@
+//! The REST API over real HTTP: every endpoint's happy path, and the ugly
+//! inputs, each answered with a problem+json 4xx that changes nothing.
+
+use reqwest::{Client, Response, StatusCode};
+use runq_shared::{CreatedRuns, EventPage, Problem, Run, RunDetail, RunPage, RunStatus};
+use serde_json::{json, Value};
+
+use crate::support::{token, TestApi, TestDb};
+
+struct Fixture {
+    db: TestDb,
+    api: TestApi,
+    client: Client,
+    token: String,
+    other_token: String,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let db = TestDb::new().await;
+        let tenant = db.tenant("acme").await;
+        let other = db.tenant("globex").await;
+        let token = token(&db, tenant).await;
+        let other_token = token_for(&db, other).await;
+        let api = TestApi::start(db.pool.clone(), TestApi::config());
+        Fixture {
+            db,
+            api,
+            client: Client::new(),
+            token,
+            other_token,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api.base)
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    async fn get(&self, path: &str) -> Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    async fn runs_in_db(&self) -> i64 {
+        self.db.scalar("SELECT count(*) FROM runs").await
+    }
+}
+
+async fn token_for(db: &TestDb, tenant: uuid::Uuid) -> String {
+    token(db, tenant).await
+}
+
+fn run_body() -> Value {
+    json!({ "steps": [{ "name": "hello", "kind": "echo", "input": { "greeting": "hi" } }] })
+}
+
+/// Asserts `response` is a problem+json document with `status`, and returns it.
+async fn problem(response: Response, status: StatusCode) -> Problem {
+    assert_eq!(response.status(), status);
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let problem: Problem = response.json().await.expect("a problem document");
+    assert_eq!(problem.status, status.as_u16());
+    assert!(problem.problem_type.starts_with("urn:runq:problem:"));
+    assert!(!problem.detail.is_empty());
+    problem
+}
+
+/// Submit, fetch, list, read events, cancel and retry, through HTTP.
+#[tokio::test]
+async fn run_endpoints_happy_path() {
+    let f = Fixture::new().await;
+
+    let response = f.post("/v1/runs", &json!({
+        "queue": "emails", "priority": 3, "max_attempts": 5,
+        "metadata": { "customer": "ünï 🚀" },
+        "steps": [{ "name": "a", "kind": "echo", "input": { "x": 1 } },
+                  { "name": "b", "kind": "http", "input": { "url": "http://127.0.0.1:9/x" } }]
+    })).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let run: Run = response.json().await.expect("run");
+    assert_eq!(
+        (run.queue.as_str(), run.priority, run.max_attempts),
+        ("emails", 3, 5)
+    );
+    assert_eq!(run.status, RunStatus::Pending);
+    assert_eq!(run.metadata, json!({ "customer": "ünï 🚀" }));
+
+    let detail: RunDetail = f
+        .get(&format!("/v1/runs/{}", run.id))
+        .await
+        .json()
+        .await
+        .expect("detail");
+    assert_eq!(detail.run.id, run.id);
+    assert_eq!(detail.steps.len(), 2);
+    assert_eq!(detail.steps[1].kind, "http");
+
+    let page: RunPage = f
+        .get("/v1/runs?queue=emails&status=pending")
+        .await
+        .json()
+        .await
+        .expect("page");
+    assert_eq!(
+        page.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![run.id]
+    );
+    let none: RunPage = f
+        .get("/v1/runs?queue=other")
+        .await
+        .json()
+        .await
+        .expect("page");
+    assert!(none.runs.is_empty());
+
+    let events: EventPage = f
+        .get(&format!("/v1/runs/{}/events", run.id))
+        .await
+        .json()
+        .await
+        .expect("events");
+    assert!(events.events.is_empty());
+
+    let response = f
+        .post(&format!("/v1/runs/{}/cancel", run.id), &json!({}))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let cancelled: Run = response.json().await.expect("run");
+    assert_eq!(cancelled.status, RunStatus::Cancelled);
+
+    let retried: Run = f
+        .post(&format!("/v1/runs/{}/retry", run.id), &json!({}))
+        .await
+        .json()
+        .await
+        .expect("run");
+    assert_eq!((retried.status, retried.attempt), (RunStatus::Pending, 0));
+    let outbox: Vec<String> =
+        sqlx::query_scalar("SELECT event_type FROM outbox WHERE run_id = $1 ORDER BY id")
+            .bind(run.id)
+            .fetch_all(&f.db.pool)
+            .await
+            .expect("outbox");
+    assert_eq!(outbox, vec!["run.created", "run.cancelled", "run.requeued"]);
+}
+
+/// Cursor pagination walks every run once, newest first.
+#[tokio::test]
+async fn list_paginates_newest_first() {
+    let f = Fixture::new().await;
+    let mut created = Vec::new();
+    for _ in 0..7 {
+        let run: Run = f
+            .post("/v1/runs", &run_body())
+            .await
+            .json()
+            .await
+            .expect("run");
+        created.push(run.id);
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/runs?limit=3".to_owned();
+    loop {
+        let page: RunPage = f.get(&path).await.json().await.expect("page");
+        seen.extend(page.runs.iter().map(|r| r.id));
+        match page.next_cursor {
+            Some(cursor) => path = format!("/v1/runs?limit=3&cursor={cursor}"),
+            None => break,
+        }
+    }
+    created.reverse();
+    assert_eq!(seen, created);
+}
+
+/// The batch endpoint inserts all runs in one go, in order.
+#[tokio::test]
+async fn batch_creates_all_runs_in_order() {
+    let f = Fixture::new().await;
+    let runs: Vec<Value> = (0..250)
+        .map(|i| json!({ "steps": [{ "name": "e", "kind": "echo", "input": { "i": i } }] }))
+        .collect();
+
+    let response = f.post("/v1/runs/batch", &json!({ "runs": runs })).await;
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let created: CreatedRuns = response.json().await.expect("runs");
+    assert_eq!(created.runs.len(), 250);
+    let mut ids: Vec<_> = created.runs.iter().map(|r| r.id).collect();
+    let in_order = ids.clone();
+    ids.sort();
+    assert_eq!(ids, in_order, "ids are time-ordered in request order");
+    assert_eq!(f.runs_in_db().await, 250);
+    let created_rows: i64 =
+        f.db.scalar("SELECT count(*) FROM outbox WHERE event_type = 'run.created'")
+            .await;
+    assert_eq!(created_rows, 250);
+}
+
+/// A batch with one bad run, or too many runs, inserts nothing.
+#[tokio::test]
+async fn batch_with_a_bad_run_inserts_nothing() {
+    let f = Fixture::new().await;
+    let mut runs: Vec<Value> = (0..10).map(|_| run_body()).collect();
+    runs[6] = json!({ "steps": [{ "name": "x", "kind": "nope" }] });
+    let p = problem(
+        f.post("/v1/runs/batch", &json!({ "runs": runs })).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(p.detail.contains("runs[6]"), "{}", p.detail);
+
+    let too_many: Vec<Value> = (0..1001).map(|_| run_body()).collect();
+    let p = problem(
+        f.post("/v1/runs/batch", &json!({ "runs": too_many })).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(p.detail.contains("1001"), "{}", p.detail);
+    problem(
+        f.post("/v1/runs/batch", &json!({ "runs": [] })).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(f.runs_in_db().await, 0);
+}
+
+/// The same Idempotency-Key returns the same run (200); another tenant's
+/// identical key makes its own run.
+#[tokio::test]
+async fn idempotent_create_returns_the_same_run() {
+    let f = Fixture::new().await;
+    let send = |token: String| {
+        let client = f.client.clone();
+        let url = f.url("/v1/runs");
+        async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "order-42'; DROP TABLE runs; --")
+                .json(&run_body())
+                .send()
+                .await
+                .expect("send")
+        }
+    };
+    let first = send(f.token.clone()).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Run = first.json().await.expect("run");
+    let second = send(f.token.clone()).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    let second: Run = second.json().await.expect("run");
+    assert_eq!(second.id, first.id);
+    assert_eq!(
+        second.idempotency_key.as_deref(),
+        Some("order-42'; DROP TABLE runs; --")
+    );
+
+    let other = send(f.other_token.clone()).await;
+    assert_eq!(other.status(), StatusCode::CREATED);
+    let other: Run = other.json().await.expect("run");
+    assert_ne!(other.id, first.id);
+    assert_eq!(f.runs_in_db().await, 2);
+}
+
+/// Concurrent requests with one key make one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_idempotent_creates_make_one_run() {
+    let f = Fixture::new().await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let request = f
+            .client
+            .post(f.url("/v1/runs"))
+            .bearer_auth(&f.token)
+            .header("Idempotency-Key", "same")
+            .json(&run_body());
+        tasks.push(tokio::spawn(
+            async move { request.send().await.expect("send") },
+        ));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for task in tasks {
+        let response = task.await.expect("task");
+        if response.status() == StatusCode::CREATED {
+            created += 1;
+        }
+        let run: Run = response.json().await.expect("run");
+        ids.insert(run.id);
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(f.runs_in_db().await, 1);
+}
+
+/// Malformed, unknown, oversized and out-of-range bodies each get the right
+/// 4xx problem, and nothing is inserted.
+#[tokio::test]
+async fn bad_run_bodies_get_problems_and_change_nothing() {
+    let f = Fixture::new().await;
+    let raw = |body: &'static str| {
+        f.client
+            .post(f.url("/v1/runs"))
+            .bearer_auth(&f.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    problem(
+        raw("{\"steps\": [").await.expect("send"),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    problem(raw("").await.expect("send"), StatusCode::BAD_REQUEST).await;
+    problem(raw("[]").await.expect("send"), StatusCode::BAD_REQUEST).await;
+    let cases = [
+        (
+            json!({ "steps": [] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "1 to 64 steps",
+        ),
+        (
+            json!({ "steps": (0..65).map(|i| json!({ "name": format!("s{i}"), "kind": "echo" })).collect::<Vec<_>>() }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "got 65",
+        ),
+        (
+            json!({ "steps": [{ "name": "x", "kind": "teleport" }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "teleport",
+        ),
+        (
+            json!({ "steps": [{ "name": "x", "kind": "http", "input": {} }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "url",
+        ),
+        (
+            json!({ "steps": [{ "name": "x", "kind": "http", "input": { "url": "file:///etc/passwd" } }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "http://",
+        ),
+        (
+            json!({ "steps": [{ "name": "x", "kind": "sleep", "input": { "ms": -1 } }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "ms",
+        ),
+        (
+            json!({ "queue": "", "steps": [{ "name": "x", "kind": "echo" }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "queue",
+        ),
+        (
+            json!({ "queue": "q".repeat(65), "steps": [{ "name": "x", "kind": "echo" }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "64 bytes",
+        ),
+        (
+            json!({ "max_attempts": 0, "steps": [{ "name": "x", "kind": "echo" }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "max_attempts",
+        ),
+        (
+            json!({ "metadata": [1, 2], "steps": [{ "name": "x", "kind": "echo" }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "metadata",
+        ),
+        (
+            json!({ "steps": [{ "name": "", "kind": "echo" }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "name",
+        ),
+        (
+            json!({ "priority": "high", "steps": [{ "name": "x", "kind": "echo" }] }),
+            StatusCode::BAD_REQUEST,
+            "high",
+        ),
+        (
+            json!({ "priority": 70000, "steps": [{ "name": "x", "kind": "echo" }] }),
+            StatusCode::BAD_REQUEST,
+            "32767",
+        ),
+        (
+            json!({ "steps": "echo" }),
+            StatusCode::BAD_REQUEST,
+            "CreateRun",
+        ),
+        (
+            json!({ "steps": [{ "name": "x", "kind": "echo" }], "colour": "red" }),
+            StatusCode::BAD_REQUEST,
+            "colour",
+        ),
+        (
+            json!({ "steps": [{ "name": "x", "kind": "echo", "extra": 1 }] }),
+            StatusCode::BAD_REQUEST,
+            "extra",
+        ),
+        (
+            json!({ "project_id": uuid::Uuid::now_v7(), "steps": [{ "name": "x", "kind": "echo" }] }),
+            StatusCode::NOT_FOUND,
+            "project",
+        ),
+    ];
+    for (body, status, mentions) in cases {
+        let p = problem(f.post("/v1/runs", &body).await, status).await;
+        assert!(
+            p.detail.contains(mentions),
+            "{body}: detail '{}' should mention '{mentions}'",
+            p.detail
+        );
+    }
+    let huge = format!(
+        "{{\"steps\": [{{\"name\": \"x\", \"kind\": \"echo\", \"input\": \"{}\"}}]}}",
+        "x".repeat(10 * 1024 * 1024)
+    );
+    let response = f
+        .client
+        .post(f.url("/v1/runs"))
+        .bearer_auth(&f.token)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .expect("send");
+    problem(response, StatusCode::PAYLOAD_TOO_LARGE).await;
+    let key = f
+        .client
+        .post(f.url("/v1/runs"))
+        .bearer_auth(&f.token)
+        .header("Idempotency-Key", "k".repeat(300))
+        .json(&run_body())
+        .send()
+        .await
+        .expect("send");
+    problem(key, StatusCode::BAD_REQUEST).await;
+    assert_eq!(f.runs_in_db().await, 0, "no bad body inserted anything");
+}
+
+/// Missing, malformed and unknown tokens get 401; a valid token of another
+/// tenant sees 404 for runs it does not own, and cannot change them.
+#[tokio::test]
+async fn auth_is_required_and_tenants_are_isolated() {
+    let f = Fixture::new().await;
+    let run: Run = f
+        .post("/v1/runs", &run_body())
+        .await
+        .json()
+        .await
+        .expect("run");
+
+    let no_token = f
+        .client
+        .post(f.url("/v1/runs"))
+        .json(&run_body())
+        .send()
+        .await
+        .expect("send");
+    problem(no_token, StatusCode::UNAUTHORIZED).await;
+    let garbage = f
+        .client
+        .get(f.url("/v1/runs"))
+        .header("authorization", "Bearer \u{1F680}x")
+        .send()
+        .await
+        .expect("send");
+    problem(garbage, StatusCode::UNAUTHORIZED).await;
+    let unknown = f
+        .client
+        .get(f.url("/v1/runs"))
+        .bearer_auth("runq_not_a_token")
+        .send()
+        .await
+        .expect("send");
+    problem(unknown, StatusCode::UNAUTHORIZED).await;
+    let basic = f
+        .client
+        .get(f.url("/v1/runs"))
+        .basic_auth("u", Some("p"))
+        .send()
+        .await
+        .expect("send");
+    problem(basic, StatusCode::UNAUTHORIZED).await;
+
+    let foreign = |method: reqwest::Method, path: String| {
+        f.client
+            .request(method, f.url(&path))
+            .bearer_auth(&f.other_token)
+            .send()
+    };
+    problem(
+        foreign(reqwest::Method::GET, format!("/v1/runs/{}", run.id))
+            .await
+            .expect("send"),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        foreign(reqwest::Method::GET, format!("/v1/runs/{}/events", run.id))
+            .await
+            .expect("send"),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        foreign(reqwest::Method::POST, format!("/v1/runs/{}/cancel", run.id))
+            .await
+            .expect("send"),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        foreign(reqwest::Method::POST, format!("/v1/runs/{}/retry", run.id))
+            .await
+            .expect("send"),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let listed: RunPage = foreign(reqwest::Method::GET, "/v1/runs".into())
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("page");
+    assert!(
+        listed.runs.is_empty(),
+        "another tenant's runs are invisible"
+    );
+    let status: String =
+        f.db.scalar(&format!(
+            "SELECT status::text FROM runs WHERE id = '{}'",
+            run.id
+        ))
+        .await;
+    assert_eq!(status, "pending", "the foreign cancel changed nothing");
+}
+
+/// Bad paths, ids, query values and state transitions get problems too.
+#[tokio::test]
+async fn bad_paths_queries_and_transitions_get_problems() {
+    let f = Fixture::new().await;
+    let run: Run = f
+        .post("/v1/runs", &run_body())
+        .await
+        .json()
+        .await
+        .expect("run");
+
+    problem(f.get("/v1/runs/not-a-uuid").await, StatusCode::BAD_REQUEST).await;
+    problem(
+        f.get(&format!("/v1/runs/{}", uuid::Uuid::now_v7())).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    problem(
+        f.get("/v1/runs?status=exploded").await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    problem(f.get("/v1/runs?limit=0").await, StatusCode::BAD_REQUEST).await;
+    problem(
+        f.get("/v1/runs?limit=100000").await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    problem(f.get("/v1/nowhere").await, StatusCode::NOT_FOUND).await;
+    let wrong_method = f
+        .client
+        .delete(f.url("/v1/runs"))
+        .bearer_auth(&f.token)
+        .send()
+        .await
+        .expect("send");
+    problem(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await;
+    let p = problem(
+        f.post(&format!("/v1/runs/{}/retry", run.id), &json!({}))
+            .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert!(p.detail.contains("pending"), "{}", p.detail);
+    f.db.execute(&format!(
+        "UPDATE runs SET status = 'succeeded' WHERE id = '{}'",
+        run.id
+    ))
+    .await;
+    problem(
+        f.post(&format!("/v1/runs/{}/cancel", run.id), &json!({}))
+            .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+}
+
+/// Health, readiness, the spec and the offline docs page.
+#[tokio::test]
+async fn health_ready_spec_and_docs_are_served() {
+    let f = Fixture::new().await;
+    assert_eq!(
+        f.client
+            .get(f.url("/health"))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        f.client
+            .get(f.url("/ready"))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        StatusCode::OK
+    );
+    let spec: Value = f
+        .client
+        .get(f.url("/openapi.json"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("spec");
+    assert_eq!(
+        spec,
+        serde_json::from_str::<Value>(&runq_api::spec()).expect("spec parses")
+    );
+    let docs = f.client.get(f.url("/docs")).send().await.expect("send");
+    assert_eq!(docs.status(), StatusCode::OK);
+    let html = docs.text().await.expect("html");
+    assert!(html.contains("swagger"), "docs page is the swagger UI");
+    assert!(
+        !html.contains("cdn") && !html.contains("unpkg"),
+        "docs load nothing from a CDN"
+    );
+
+    f.db.execute("DELETE FROM _sqlx_migrations").await;
+    assert_eq!(
+        f.client
+            .get(f.url("/ready"))
+            .send()
+            .await
+            .expect("send")
+            .status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready while migrations are missing"
+    );
+}

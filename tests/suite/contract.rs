@@ -1,0 +1,308 @@
+//! Invariant 6 (one contract): every payload that crosses a process boundary
+//! is one shared type whose serde form, OpenAPI form and database form agree.
+
+use poem_openapi::types::{ParseFromJSON, ToJSON};
+use runq_shared::db::runs::{self, Backoff, Completion, Lease, Outcome};
+use runq_shared::{
+    CreateRun, ErrorReason, EventType, NewStep, OutboxEvent, Problem, Run, RunDetail, RunError,
+    RunSnapshot, RunStatus, Step, StepInput, StepStatus,
+};
+use runq_worker::maintenance::Rescuer;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::support::{echo_run, TestDb};
+
+/// The committed spec is what the code generates (`just openapi` rewrites it).
+#[test]
+fn committed_openapi_matches_generated() {
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/openapi.json"))
+            .expect("openapi/openapi.json exists");
+    let committed: Value = serde_json::from_str(&committed).expect("committed spec parses");
+    let generated: Value = serde_json::from_str(&runq_api::spec()).expect("generated spec parses");
+    assert!(
+        committed == generated,
+        "openapi/openapi.json is stale: run `just openapi`"
+    );
+}
+
+/// The spec describes every payload: the API bodies, problem documents on
+/// errors, the outbox event (as a webhook) and the step envelope.
+#[test]
+fn spec_describes_every_payload() {
+    let spec: Value = serde_json::from_str(&runq_api::spec()).expect("spec parses");
+    let schemas = spec["components"]["schemas"].as_object().expect("schemas");
+    for name in [
+        "CreateRun",
+        "CreateRuns",
+        "Run",
+        "RunDetail",
+        "Step",
+        "Event",
+        "Problem",
+        "OutboxEvent",
+        "RunSnapshot",
+        "StepInput",
+    ] {
+        assert!(schemas.contains_key(name), "schema {name} is missing");
+    }
+    let create = &spec["paths"]["/v1/runs"]["post"]["responses"];
+    assert!(create["422"]["content"]["application/problem+json"].is_object());
+    assert!(spec["webhooks"]["run.event"]["post"].is_object());
+}
+
+fn agree<T: Serialize + DeserializeOwned + ToJSON + ParseFromJSON + PartialEq + std::fmt::Debug>(
+    value: T,
+) {
+    let by_serde = serde_json::to_value(&value).expect("serde serialises");
+    let by_openapi = value.to_json().expect("poem-openapi serialises");
+    assert_eq!(
+        canonical(by_serde.clone()),
+        canonical(by_openapi.clone()),
+        "serde and OpenAPI forms differ"
+    );
+    let back: T = serde_json::from_value(by_openapi.clone()).expect("serde reads the OpenAPI form");
+    assert_eq!(back, value);
+    let parsed = T::parse_from_json(Some(by_serde))
+        .unwrap_or_else(|e| panic!("OpenAPI reads the serde form: {}", e.into_message()));
+    assert_eq!(parsed, value);
+}
+
+/// `value` with every RFC 3339 timestamp rewritten one way: serde writes UTC
+/// as `Z`, poem-openapi and Postgres as `+00:00`, and both mean the same instant.
+fn canonical(value: Value) -> Value {
+    match value {
+        Value::String(s) => match chrono::DateTime::parse_from_rfc3339(&s) {
+            Ok(t) => Value::String(t.with_timezone(&chrono::Utc).to_rfc3339()),
+            Err(_) => Value::String(s),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (k, canonical(v))).collect())
+        }
+        other => other,
+    }
+}
+
+fn sample_run() -> Run {
+    let now = chrono::Utc::now();
+    Run {
+        id: uuid::Uuid::now_v7(),
+        tenant_id: uuid::Uuid::now_v7(),
+        project_id: None,
+        queue: "q".into(),
+        priority: -3,
+        status: RunStatus::StoppedQuota,
+        run_at: now,
+        attempt: 2,
+        max_attempts: 3,
+        timeout_seconds: Some(30),
+        metadata: json!({ "ünï": [1, null] }),
+        idempotency_key: Some("k".into()),
+        cancel_requested: true,
+        result: None,
+        error: Some(json!({ "reason": "duration_cap", "message": "m" })),
+        created_at: now,
+        started_at: Some(now),
+        finished_at: None,
+    }
+}
+
+/// serde and poem-openapi write and read the same JSON for every payload type.
+#[test]
+fn serde_and_openapi_forms_agree() {
+    let now = chrono::Utc::now();
+    agree(sample_run());
+    agree(RunDetail {
+        run: sample_run(),
+        steps: vec![Step {
+            position: 0,
+            name: "n".into(),
+            kind: "echo".into(),
+            input: json!({}),
+            timeout_seconds: None,
+            status: StepStatus::Failed,
+            attempt: 1,
+            output: None,
+            error: Some(json!({ "message": "x" })),
+            started_at: Some(now),
+            finished_at: Some(now),
+        }],
+    });
+    let mut create = CreateRun::new(vec![NewStep::new(
+        "a",
+        "http",
+        json!({ "url": "http://x" }),
+    )]);
+    create.metadata = Some(json!({ "k": "v" }));
+    create.run_at = Some(now);
+    agree(create);
+    agree(Problem {
+        problem_type: "urn:runq:problem:x".into(),
+        title: "t".into(),
+        status: 422,
+        detail: "d".into(),
+    });
+    agree(OutboxEvent {
+        event_type: EventType::Retrying,
+        occurred_at: now,
+        run: RunSnapshot {
+            id: uuid::Uuid::now_v7(),
+            tenant_id: uuid::Uuid::now_v7(),
+            queue: "q".into(),
+            status: RunStatus::Pending,
+            attempt: 1,
+            max_attempts: 3,
+            run_at: now,
+            error: Some(RunError {
+                reason: ErrorReason::StepFailed,
+                message: "m".into(),
+                position: Some(1),
+            }),
+            result: None,
+        },
+    });
+    agree(StepInput {
+        id: uuid::Uuid::now_v7(),
+        attempt: 1,
+        position: 0,
+        name: "s".into(),
+        input: json!({ "url": "http://x" }),
+        prev: Value::Null,
+        results: vec![],
+        metadata: json!({}),
+    });
+}
+
+/// Every path that writes an outbox row writes a payload that deserialises
+/// (strictly) into `OutboxEvent`, whose `type` and `run.id` match the row.
+#[tokio::test]
+async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let runs = db
+        .enqueue(
+            tenant,
+            (0..5).map(|i| echo_run(json!({ "i": i }))).collect(),
+        )
+        .await;
+    let worker = uuid::Uuid::now_v7();
+    let backoff = Backoff {
+        base_ms: 0.0,
+        max_ms: 0.0,
+    };
+    let queues = vec!["default".to_owned()];
+    let mut conn = db.pool.acquire().await.expect("connection");
+
+    // Cancel one while pending, then retry it (cancelled, requeued).
+    let mut tx = db.pool.begin().await.expect("begin");
+    runs::cancel(&mut tx, tenant, runs[4].id)
+        .await
+        .expect("cancel");
+    runs::retry(&mut tx, tenant, runs[4].id)
+        .await
+        .expect("retry");
+    tx.commit().await.expect("commit");
+
+    let claimed = runs::claim(&mut conn, worker, &queues, 5, 30_000)
+        .await
+        .expect("claim");
+    let lease = |i: usize| Lease {
+        id: claimed[i].id,
+        attempt: claimed[i].attempt,
+    };
+    let failure = RunError {
+        reason: ErrorReason::StepFailed,
+        message: "no".into(),
+        position: Some(0),
+    };
+    let completions = vec![
+        Completion {
+            lease: lease(0),
+            outcome: Outcome::Succeeded {
+                position: 0,
+                output: json!({ "ok": true }),
+                started_at: chrono::Utc::now(),
+            },
+        },
+        Completion {
+            lease: lease(1),
+            outcome: Outcome::StepFailed {
+                position: 0,
+                error: failure.clone(),
+                started_at: chrono::Utc::now(),
+                max_attempts: 3,
+            },
+        },
+        Completion {
+            lease: lease(2),
+            outcome: Outcome::StepFailed {
+                position: 0,
+                error: failure,
+                started_at: chrono::Utc::now(),
+                max_attempts: 1,
+            },
+        },
+        Completion {
+            lease: lease(3),
+            outcome: Outcome::Stopped {
+                error: RunError {
+                    reason: ErrorReason::DurationCap,
+                    message: "cap".into(),
+                    position: None,
+                },
+            },
+        },
+    ];
+    runs::complete_many(&mut conn, worker, &completions, &[], backoff)
+        .await
+        .expect("complete");
+    runs::release_many(&mut conn, worker, &[lease(4)])
+        .await
+        .expect("release");
+    // Rescue: claim again, expire, rescue (retrying).
+    db.execute("UPDATE runs SET run_at = now()").await;
+    runs::claim(&mut conn, worker, &queues, 5, 30_000)
+        .await
+        .expect("claim");
+    db.execute(
+        "UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE status = 'running'",
+    )
+    .await;
+    Rescuer::new(db.pool.clone(), backoff, 60_000)
+        .run_once()
+        .await
+        .expect("rescue");
+
+    let rows: Vec<(String, uuid::Uuid, Value)> =
+        sqlx::query_as("SELECT event_type, run_id, payload FROM outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("outbox");
+    let mut seen = std::collections::BTreeSet::new();
+    for (event_type, run_id, payload) in rows {
+        let event: OutboxEvent = serde_json::from_value(payload.clone())
+            .unwrap_or_else(|e| panic!("{event_type} payload {payload} breaks the contract: {e}"));
+        assert_eq!(event.event_type.as_str(), event_type);
+        assert_eq!(event.run.id, run_id);
+        assert_eq!(event.run.tenant_id, tenant);
+        seen.insert(event_type);
+    }
+    let expected: std::collections::BTreeSet<String> = [
+        "run.created",
+        "run.started",
+        "run.succeeded",
+        "run.retrying",
+        "run.failed",
+        "run.stopped",
+        "run.cancelled",
+        "run.requeued",
+        "run.released",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(seen, expected, "every event type was exercised");
+}

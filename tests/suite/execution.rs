@@ -1,0 +1,517 @@
+//! Executing pipelines: data flow between steps, checkpoints, failures,
+//! retries, fencing and the outbox rows of every state change.
+
+use std::time::Duration;
+
+use runq_shared::db::outbox;
+use runq_shared::db::runs::{self, Backoff, Completion, Lease, Outcome};
+use runq_shared::{CreateRun, EventType, NewStep, RunStatus};
+use runq_worker::maintenance::Rescuer;
+use runq_worker::Worker;
+use serde_json::{json, Value};
+
+use crate::support::handlers::{Count, Executions, FailOnce};
+use crate::support::{echo_run, worker_config, RunningWorker, TestDb};
+
+fn counting_worker(db: &TestDb, name: &str, executions: &Executions, concurrency: usize) -> Worker {
+    Worker::new(db.new_pool(4), worker_config(concurrency))
+        .register(Count {
+            executions: executions.clone(),
+            worker: name.to_owned(),
+        })
+        .register(FailOnce {
+            executions: executions.clone(),
+        })
+}
+
+async fn detail(db: &TestDb, id: uuid::Uuid) -> (runq_shared::Run, Vec<runq_shared::Step>) {
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let run = runs::get(&mut conn, run_tenant(db, id).await, id)
+        .await
+        .expect("run");
+    let steps = runq_shared::db::steps::list(&mut conn, run.tenant_id, id)
+        .await
+        .expect("steps");
+    (run, steps)
+}
+
+async fn run_tenant(db: &TestDb, id: uuid::Uuid) -> uuid::Uuid {
+    sqlx::query_scalar("SELECT tenant_id FROM runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("tenant")
+}
+
+async fn event_types(db: &TestDb, id: uuid::Uuid) -> Vec<EventType> {
+    let mut conn = db.pool.acquire().await.expect("connection");
+    outbox::for_run(&mut conn, id)
+        .await
+        .expect("outbox rows deserialise into OutboxEvent")
+        .into_iter()
+        .map(|row| row.payload.event_type)
+        .collect()
+}
+
+/// Two workers run different runs at the same time, each run by exactly one
+/// of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_process_different_runs_at_the_same_time() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let executions = Executions::default();
+    let mut config = worker_config(4);
+    config.prefetch = 0;
+    let a = RunningWorker::start(Worker::new(db.new_pool(4), config.clone()).register(Count {
+        executions: executions.clone(),
+        worker: "a".into(),
+    }));
+    let b = RunningWorker::start(Worker::new(db.new_pool(4), config).register(Count {
+        executions: executions.clone(),
+        worker: "b".into(),
+    }));
+    let runs = db
+        .enqueue(
+            tenant,
+            (0..8)
+                .map(|i| {
+                    CreateRun::new(vec![NewStep::new(
+                        "c",
+                        "count",
+                        json!({ "ms": 300, "i": i }),
+                    )])
+                })
+                .collect(),
+        )
+        .await;
+
+    db.wait_all_terminal(Duration::from_secs(20)).await;
+    a.stop().await;
+    b.stop().await;
+
+    let mut by_worker: std::collections::HashMap<String, Vec<(i64, i64)>> = Default::default();
+    for run in &runs {
+        let (run, _) = detail(&db, run.id).await;
+        assert_eq!(run.status, RunStatus::Succeeded);
+        assert_eq!(run.attempt, 1);
+        assert_eq!(
+            executions.count(run.id, 0),
+            1,
+            "run {} executed once",
+            run.id
+        );
+        let worker = run
+            .result
+            .as_ref()
+            .and_then(|r| r["worker"].as_str())
+            .expect("worker")
+            .to_owned();
+        let started = run.started_at.expect("started").timestamp_micros();
+        let finished = run.finished_at.expect("finished").timestamp_micros();
+        by_worker
+            .entry(worker)
+            .or_default()
+            .push((started, finished));
+    }
+    assert_eq!(
+        by_worker.len(),
+        2,
+        "both workers executed runs: {by_worker:?}"
+    );
+    let overlap = by_worker["a"]
+        .iter()
+        .any(|(s1, f1)| by_worker["b"].iter().any(|(s2, f2)| s1 < f2 && s2 < f1));
+    assert!(overlap, "the workers ran at the same time");
+}
+
+/// A three-step pipeline hands each output on as `prev` (and all earlier ones
+/// as `results`), and every step's output is stored.
+#[tokio::test]
+async fn three_step_pipeline_passes_prev_and_persists_each_output() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let executions = Executions::default();
+    let worker = RunningWorker::start(counting_worker(&db, "w", &executions, 2));
+    let run = db
+        .enqueue(
+            tenant,
+            vec![CreateRun::new(vec![
+                NewStep::new("first", "echo", json!({ "a": 1 })),
+                NewStep::new("second", "echo", json!({ "b": 2 })),
+                NewStep::new("third", "count", json!({})),
+            ])],
+        )
+        .await
+        .remove(0);
+
+    db.wait_all_terminal(Duration::from_secs(10)).await;
+    worker.stop().await;
+
+    let (run, steps) = detail(&db, run.id).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(steps[0].output, Some(json!({ "a": 1 })));
+    assert_eq!(
+        steps[1].output,
+        Some(json!({ "a": 1, "b": 2 })),
+        "echo merges its input over prev"
+    );
+    let last = steps[2].output.clone().expect("third output");
+    assert_eq!(last["prev"], json!({ "a": 1, "b": 2 }));
+    assert_eq!(last["results"], json!([{ "a": 1 }, { "a": 1, "b": 2 }]));
+    assert_eq!(run.result, Some(last));
+    assert!(steps
+        .iter()
+        .all(|s| s.status == runq_shared::StepStatus::Succeeded && s.attempt == 1));
+    assert_eq!(
+        event_types(&db, run.id).await,
+        vec![EventType::Created, EventType::Started, EventType::Succeeded]
+    );
+}
+
+/// Step 2 of 3 fails on every attempt: step 3 never starts; after the last
+/// attempt the run and step 2 are failed, with the error and attempts recorded.
+/// Step 1 is checkpointed and not executed again on the retry.
+#[tokio::test]
+async fn failing_second_step_stops_pipeline_and_fails_after_last_attempt() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let executions = Executions::default();
+    let worker = RunningWorker::start(counting_worker(&db, "w", &executions, 2));
+    let mut create = CreateRun::new(vec![
+        NewStep::new("one", "count", json!({})),
+        NewStep::new("two", "fail", json!({ "message": "target said no" })),
+        NewStep::new("three", "count", json!({})),
+    ]);
+    create.max_attempts = 2;
+    let run = db.enqueue(tenant, vec![create]).await.remove(0);
+
+    db.wait_all_terminal(Duration::from_secs(10)).await;
+    worker.stop().await;
+
+    let (run, steps) = detail(&db, run.id).await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.attempt, 2);
+    let error = run.error.expect("error");
+    assert_eq!(error["reason"], "step_failed");
+    assert_eq!(error["message"], "target said no");
+    assert_eq!(error["position"], 1);
+    assert_eq!(steps[1].status, runq_shared::StepStatus::Failed);
+    assert_eq!(steps[1].attempt, 2);
+    assert_eq!(
+        steps[1].error.as_ref().map(|e| e["message"].clone()),
+        Some(json!("target said no"))
+    );
+    assert_eq!(steps[2].status, runq_shared::StepStatus::Pending);
+    assert_eq!(executions.count(run.id, 2), 0, "step 3 never started");
+    assert_eq!(
+        executions.count(run.id, 0),
+        1,
+        "step 1 checkpointed, not repeated"
+    );
+    assert_eq!(
+        event_types(&db, run.id).await,
+        vec![
+            EventType::Created,
+            EventType::Started,
+            EventType::Retrying,
+            EventType::Started,
+            EventType::Failed
+        ]
+    );
+}
+
+/// Metadata given at creation reaches every step and is unchanged at the end.
+#[tokio::test]
+async fn metadata_is_visible_to_every_step_and_unchanged() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let executions = Executions::default();
+    let worker = RunningWorker::start(counting_worker(&db, "w", &executions, 2));
+    let metadata = json!({ "customer": "ünïcødé 🚀", "nested": { "list": [1, 2, 3] }, "quote": "'; DROP TABLE runs; --" });
+    let mut create = CreateRun::new(
+        (0..3)
+            .map(|i| NewStep::new(format!("s{i}"), "count", json!({})))
+            .collect(),
+    );
+    create.metadata = Some(metadata.clone());
+    let run = db.enqueue(tenant, vec![create]).await.remove(0);
+
+    db.wait_all_terminal(Duration::from_secs(10)).await;
+    worker.stop().await;
+
+    let (run, steps) = detail(&db, run.id).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    for step in &steps {
+        assert_eq!(
+            step.output.as_ref().map(|o| o["metadata"].clone()),
+            Some(metadata.clone())
+        );
+    }
+    assert_eq!(run.metadata, metadata);
+}
+
+/// Invariant 5 (checkpoints): a run whose step 2 failed once resumes at step 2
+/// on the retry; step 1 is not executed again.
+#[tokio::test]
+async fn retried_run_resumes_at_first_unfinished_step() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let executions = Executions::default();
+    let worker = RunningWorker::start(counting_worker(&db, "w", &executions, 2));
+    let run = db
+        .enqueue(
+            tenant,
+            vec![CreateRun::new(vec![
+                NewStep::new("one", "count", json!({})),
+                NewStep::new("two", "fail_once", json!({})),
+                NewStep::new("three", "count", json!({})),
+            ])],
+        )
+        .await
+        .remove(0);
+
+    db.wait_all_terminal(Duration::from_secs(10)).await;
+    worker.stop().await;
+
+    let (run, steps) = detail(&db, run.id).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.attempt, 2);
+    assert_eq!(executions.count(run.id, 0), 1, "step 1 ran once");
+    assert_eq!(
+        executions.count(run.id, 1),
+        2,
+        "step 2 ran on both attempts"
+    );
+    assert_eq!(executions.count(run.id, 2), 1);
+    assert_eq!(steps[0].attempt, 1, "step 1 finished on attempt 1");
+    assert_eq!(steps[1].attempt, 2);
+    assert_eq!(steps[1].output, Some(json!({ "recovered_on_attempt": 2 })));
+    let third = steps[2].output.clone().expect("output");
+    assert_eq!(third["results"][1], json!({ "recovered_on_attempt": 2 }));
+}
+
+/// Invariant 1 (fencing): a worker whose lease expired and was taken over
+/// cannot overwrite the new owner's result, nor checkpoint a step.
+#[tokio::test]
+async fn stale_worker_cannot_overwrite_new_owner() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let run = db
+        .enqueue(
+            tenant,
+            vec![CreateRun::new(vec![
+                NewStep::new("one", "echo", json!({})),
+                NewStep::new("two", "echo", json!({})),
+            ])],
+        )
+        .await
+        .remove(0);
+    let backoff = Backoff {
+        base_ms: 0.0,
+        max_ms: 0.0,
+    };
+    let (stale, fresh) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let queues = vec!["default".to_owned()];
+    let first = runs::claim(&mut conn, stale, &queues, 1, 30_000)
+        .await
+        .expect("claim")
+        .remove(0);
+
+    // The stale worker stalls past its lease; the rescuer hands the run on.
+    db.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second'")
+        .await;
+    let report = Rescuer::new(db.pool.clone(), backoff, 60_000)
+        .run_once()
+        .await
+        .expect("rescue");
+    assert_eq!(report.retried, 1);
+    db.execute("UPDATE runs SET run_at = now()").await;
+    let second = runs::claim(&mut conn, fresh, &queues, 1, 30_000)
+        .await
+        .expect("claim")
+        .remove(0);
+    assert_eq!(second.attempt, 2);
+
+    let stale_lease = Lease {
+        id: run.id,
+        attempt: first.attempt,
+    };
+    let checkpoint = runs::Checkpoint {
+        lease: stale_lease,
+        position: 0,
+        output: json!({ "from": "stale" }),
+        started_at: chrono::Utc::now(),
+    };
+    let refused = runs::checkpoint_many(&mut conn, stale, &[checkpoint], &[])
+        .await
+        .expect("checkpoint");
+    assert_eq!(refused, vec![runs::CheckpointResult::LeaseLost]);
+    let finish = |lease, who: &str| Completion {
+        lease,
+        outcome: Outcome::Succeeded {
+            position: 1,
+            output: json!({ "from": who }),
+            started_at: chrono::Utc::now(),
+        },
+    };
+    let written = runs::complete_many(
+        &mut conn,
+        stale,
+        &[finish(stale_lease, "stale")],
+        &[],
+        backoff,
+    )
+    .await
+    .expect("complete");
+    assert!(written.is_empty(), "the stale completion is refused");
+    let fresh_lease = Lease {
+        id: run.id,
+        attempt: second.attempt,
+    };
+    let written = runs::complete_many(
+        &mut conn,
+        fresh,
+        &[finish(fresh_lease, "fresh")],
+        &[],
+        backoff,
+    )
+    .await
+    .expect("complete");
+    assert_eq!(written, vec![run.id]);
+    drop(conn);
+
+    let (run, steps) = detail(&db, run.id).await;
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.result, Some(json!({ "from": "fresh" })));
+    assert_eq!(steps[0].output, None, "the stale checkpoint wrote nothing");
+    let terminal = event_types(&db, run.id)
+        .await
+        .into_iter()
+        .filter(|t| *t == EventType::Succeeded)
+        .count();
+    assert_eq!(terminal, 1, "one terminal outbox row, the new owner's");
+}
+
+/// Invariant 3 (state and outbox together): a run enqueued in a transaction
+/// that rolls back leaves neither the run nor its outbox row; one that
+/// commits has both.
+#[tokio::test]
+async fn enqueue_commits_run_and_outbox_row_together() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let new = || runq_shared::NewRun::new(tenant, vec![NewStep::new("e", "echo", json!({}))]);
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    runq_shared::enqueue(&mut tx, new()).await.expect("enqueue");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(db.scalar::<i64>("SELECT count(*) FROM runs").await, 0);
+    assert_eq!(db.scalar::<i64>("SELECT count(*) FROM outbox").await, 0);
+
+    let mut tx = db.pool.begin().await.expect("begin");
+    let run = runq_shared::enqueue(&mut tx, new())
+        .await
+        .expect("enqueue")
+        .run;
+    tx.commit().await.expect("commit");
+    assert_eq!(event_types(&db, run.id).await, vec![EventType::Created]);
+}
+
+/// `enqueue_many` inserts every run with its steps and its `run.created` row,
+/// in input order, and a repeated idempotency key returns the first run.
+#[tokio::test]
+async fn enqueue_many_is_complete_and_idempotent() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let mut batch: Vec<runq_shared::NewRun> = (0..300)
+        .map(|i| {
+            runq_shared::NewRun::new(
+                tenant,
+                vec![
+                    NewStep::new("e", "echo", json!({ "i": i })),
+                    NewStep::new("f", "echo", json!({})),
+                ],
+            )
+        })
+        .collect();
+    batch[7].idempotency_key = Some("order-7".into());
+    let mut tx = db.pool.begin().await.expect("begin");
+    let first = runq_shared::enqueue_many(&mut tx, batch)
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    assert_eq!(first.len(), 300);
+    assert!(first.iter().all(|e| e.created));
+
+    let mut again = runq_shared::NewRun::new(tenant, vec![NewStep::new("e", "echo", json!({}))]);
+    again.idempotency_key = Some("order-7".into());
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let repeated = runq_shared::enqueue(&mut conn, again)
+        .await
+        .expect("enqueue");
+    assert!(!repeated.created);
+    assert_eq!(repeated.run.id, first[7].run.id);
+    drop(conn);
+
+    assert_eq!(db.scalar::<i64>("SELECT count(*) FROM runs").await, 300);
+    assert_eq!(
+        db.scalar::<i64>("SELECT count(*) FROM run_steps").await,
+        600
+    );
+    assert_eq!(
+        db.scalar::<i64>("SELECT count(*) FROM outbox WHERE event_type = 'run.created'")
+            .await,
+        300
+    );
+    let inputs: Vec<Value> = sqlx::query_scalar(
+        "SELECT s.input FROM runs r JOIN run_steps s ON s.run_id = r.id AND s.position = 0 ORDER BY r.id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("inputs");
+    let expected: Vec<Value> = (0..300).map(|i| json!({ "i": i })).collect();
+    assert_eq!(
+        inputs, expected,
+        "ids follow input order (FIFO within a batch)"
+    );
+}
+
+/// A step kind no handler is registered for fails the step with a clear reason.
+#[tokio::test]
+async fn unknown_step_kind_fails_with_reason() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let worker = RunningWorker::start(Worker::new(db.new_pool(4), worker_config(2)));
+    let mut create = CreateRun::new(vec![NewStep::new("x", "teleport", json!({}))]);
+    create.max_attempts = 1;
+    let run = db.enqueue(tenant, vec![create]).await.remove(0);
+
+    db.wait_all_terminal(Duration::from_secs(10)).await;
+    worker.stop().await;
+
+    let (run, _) = detail(&db, run.id).await;
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.error.expect("error")["reason"], "unknown_step_kind");
+}
+
+/// A pending run cancelled through the database layer never executes.
+#[tokio::test]
+async fn cancelled_pending_run_is_never_claimed() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let run = db
+        .enqueue(tenant, vec![echo_run(json!({}))])
+        .await
+        .remove(0);
+    let mut tx = db.pool.begin().await.expect("begin");
+    let cancelled = runs::cancel(&mut tx, tenant, run.id).await.expect("cancel");
+    tx.commit().await.expect("commit");
+    assert_eq!(cancelled.status, RunStatus::Cancelled);
+
+    let worker = Worker::new(db.new_pool(2), worker_config(1));
+    assert!(worker.claim(10).await.expect("claim").is_empty());
+    assert_eq!(
+        event_types(&db, run.id).await,
+        vec![EventType::Created, EventType::Cancelled]
+    );
+}
