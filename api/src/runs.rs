@@ -6,8 +6,8 @@ use poem_openapi::{ApiResponse, OpenApi, Tags};
 use runq_shared::db::runs::{self, RunFilter};
 use runq_shared::db::{events, steps};
 use runq_shared::{
-    CreateRun, CreateRuns, CreatedRuns, EventPage, NewRun, Run, RunDetail, RunPage, RunStatus,
-    MAX_BATCH, MAX_NAME_LEN,
+    CreateRun, CreateRuns, CreatedRuns, EventPage, NewRun, RetriedRuns, RetryRuns, Run, RunDetail,
+    RunPage, RunStatus, MAX_BATCH, MAX_NAME_LEN,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -230,6 +230,45 @@ impl RunsApi {
         let run = runs::cancel(&mut tx, auth.0, id.0).await?;
         tx.commit().await?;
         Ok(Json(run))
+    }
+
+    /// Retry many finished runs
+    ///
+    /// Revives up to `limit` runs in `status` (default `failed`: the dead
+    /// letters), optionally of one queue or project, oldest first.
+    #[oai(path = "/runs/retry", method = "post", operation_id = "retry_runs")]
+    async fn retry_many(
+        &self,
+        auth: TenantAuth,
+        body: Json<RetryRuns>,
+    ) -> Result<Json<RetriedRuns>, ApiError> {
+        let filter = body.0;
+        if !matches!(
+            filter.status,
+            RunStatus::Failed | RunStatus::StoppedQuota | RunStatus::Cancelled
+        ) {
+            return Err(ApiError::Unprocessable(format!(
+                "status '{}' cannot be retried; use failed, stopped_quota or cancelled",
+                filter.status.as_str()
+            )));
+        }
+        if !(1..=MAX_BATCH as i64).contains(&filter.limit) {
+            return Err(ApiError::Unprocessable(format!(
+                "limit must be 1 to {MAX_BATCH}, got {}",
+                filter.limit
+            )));
+        }
+        let mut conn = self.pool.acquire().await?;
+        let ids = runs::retry_many(
+            &mut conn,
+            auth.0,
+            filter.status,
+            filter.queue.as_deref(),
+            filter.project_id,
+            filter.limit,
+        )
+        .await?;
+        Ok(Json(RetriedRuns { ids }))
     }
 
     /// Retry a failed, stopped or cancelled run

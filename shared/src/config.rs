@@ -82,6 +82,11 @@ pub struct WorkerConfig {
     /// Milliseconds between maintenance passes (lease rescue, stale workers).
     #[arg(long, env = "RUNQ_MAINTENANCE_MS", default_value_t = 1_000)]
     pub maintenance_ms: u64,
+    /// Longest a run may take, in minutes; a run's own `timeout_seconds` is
+    /// capped by it. A run past it is stopped (`stopped_quota`, reason
+    /// `duration_cap`). Fractions are allowed.
+    #[arg(long, env = "MAX_RUN_DURATION_MINUTES", default_value_t = 15.0)]
+    pub max_run_duration_minutes: f64,
     /// Most outcomes written by one completer transaction.
     #[arg(long, env = "RUNQ_COMPLETE_BATCH", default_value_t = 1_000)]
     pub complete_batch: usize,
@@ -101,6 +106,7 @@ impl Default for WorkerConfig {
             retry_max_ms: 3_600_000,
             maintenance_ms: 1_000,
             complete_batch: 1_000,
+            max_run_duration_minutes: 15.0,
         }
     }
 }

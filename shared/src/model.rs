@@ -647,3 +647,41 @@ pub struct Problem {
     /// What went wrong with this request, and what to fix.
     pub detail: String,
 }
+
+fn default_retry_status() -> RunStatus {
+    RunStatus::Failed
+}
+
+fn default_retry_limit() -> i64 {
+    100
+}
+
+/// The body of `POST /v1/runs/retry`: which finished runs to revive.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRuns {
+    /// `failed` (the dead letters, default), `stopped_quota` or `cancelled`.
+    #[oai(default = "default_retry_status")]
+    #[serde(default = "default_retry_status")]
+    pub status: RunStatus,
+    /// Only runs of this queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
+    pub queue: Option<String>,
+    /// Only runs of this project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
+    pub project_id: Option<Uuid>,
+    /// Most runs revived by this call, 1 to 1,000 (default 100), oldest first.
+    #[oai(default = "default_retry_limit")]
+    #[serde(default = "default_retry_limit")]
+    pub limit: i64,
+}
+
+/// The answer of `POST /v1/runs/retry`.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RetriedRuns {
+    /// The runs put back to pending, oldest first.
+    pub ids: Vec<RunId>,
+}

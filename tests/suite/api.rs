@@ -666,3 +666,82 @@ async fn health_ready_spec_and_docs_are_served() {
         "not ready while migrations are missing"
     );
 }
+
+/// The dead-letter list and the bulk retry: `?status=failed` lists failed
+/// runs; `POST /v1/runs/retry` revives a filtered set, oldest first, and only
+/// the caller's.
+#[tokio::test]
+async fn dead_letters_are_listed_and_revived_in_bulk() {
+    let f = Fixture::new().await;
+    let mut ids = Vec::new();
+    for queue in ["a", "a", "a", "b"] {
+        let body = json!({ "queue": queue, "steps": [{ "name": "x", "kind": "echo" }] });
+        let run: Run = f.post("/v1/runs", &body).await.json().await.expect("run");
+        ids.push(run.id);
+    }
+    let foreign: Run = f
+        .client
+        .post(f.url("/v1/runs"))
+        .bearer_auth(&f.other_token)
+        .json(&json!({ "queue": "a", "steps": [{ "name": "x", "kind": "echo" }] }))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("run");
+    f.db.execute("UPDATE runs SET status = 'failed', attempt = 3, finished_at = now()")
+        .await;
+
+    let dead: RunPage = f
+        .get("/v1/runs?status=failed")
+        .await
+        .json()
+        .await
+        .expect("page");
+    assert_eq!(dead.runs.len(), 4, "only this tenant's dead letters");
+
+    let response = f
+        .post("/v1/runs/retry", &json!({ "queue": "a", "limit": 2 }))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let retried: runq_shared::RetriedRuns = response.json().await.expect("retried");
+    assert_eq!(
+        retried.ids,
+        ids[..2].to_vec(),
+        "oldest first, at most limit"
+    );
+    let again: runq_shared::RetriedRuns = f
+        .post("/v1/runs/retry", &json!({}))
+        .await
+        .json()
+        .await
+        .expect("retried");
+    assert_eq!(
+        again.ids,
+        vec![ids[2], ids[3]],
+        "the rest of this tenant's failed runs"
+    );
+    let still: String =
+        f.db.scalar(&format!(
+            "SELECT status::text FROM runs WHERE id = '{}'",
+            foreign.id
+        ))
+        .await;
+    assert_eq!(still, "failed", "another tenant's run is untouched");
+    let requeued: i64 =
+        f.db.scalar("SELECT count(*) FROM outbox WHERE event_type = 'run.requeued'")
+            .await;
+    assert_eq!(requeued, 4);
+    problem(
+        f.post("/v1/runs/retry", &json!({ "status": "running" }))
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    problem(
+        f.post("/v1/runs/retry", &json!({ "limit": 0 })).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+}

@@ -515,3 +515,38 @@ async fn cancelled_pending_run_is_never_claimed() {
         vec![EventType::Created, EventType::Cancelled]
     );
 }
+
+/// A step's own timeout fails the step (reason `step_timeout`) and is retried
+/// like any failure until attempts run out.
+#[tokio::test]
+async fn step_timeout_counts_as_a_retried_failure() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let worker = RunningWorker::start(Worker::new(db.new_pool(4), worker_config(2)));
+    let mut slow = NewStep::new("slow", "sleep", json!({ "ms": 30_000 }));
+    slow.timeout_seconds = Some(1);
+    let mut create = CreateRun::new(vec![slow]);
+    create.max_attempts = 2;
+    let run = db.enqueue(tenant, vec![create]).await.remove(0);
+
+    db.wait_all_terminal(Duration::from_secs(20)).await;
+    worker.stop().await;
+
+    let (run, steps) = detail(&db, run.id).await;
+    assert_eq!((run.status, run.attempt), (RunStatus::Failed, 2));
+    assert_eq!(run.error.expect("error")["reason"], "step_timeout");
+    assert_eq!(
+        steps[0].error.as_ref().map(|e| e["reason"].clone()),
+        Some(json!("step_timeout"))
+    );
+    assert_eq!(
+        event_types(&db, run.id).await,
+        vec![
+            EventType::Created,
+            EventType::Started,
+            EventType::Retrying,
+            EventType::Started,
+            EventType::Failed
+        ]
+    );
+}

@@ -7,5 +7,6 @@ mod api;
 mod claim;
 mod contract;
 mod execution;
+mod faults;
 mod load;
 mod shutdown;

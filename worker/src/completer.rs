@@ -157,9 +157,9 @@ impl Completer {
         }
         if let Some((_, written)) = &results {
             if written.len() < completions.len() {
-                tracing::debug!(
+                tracing::warn!(
                     refused = completions.len() - written.len(),
-                    "completions refused: leases were taken over"
+                    "lease lost: completions refused, their runs belong to another worker now"
                 );
             }
         }

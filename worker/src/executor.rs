@@ -28,6 +28,16 @@ pub(crate) struct Context {
     pub(crate) completer: CompleterHandle,
     /// Fires when the shutdown grace period is over: stop and hand back.
     pub(crate) hard_stop: CancellationToken,
+    /// The server's cap on any run's duration.
+    pub(crate) max_run_duration: Duration,
+}
+
+/// How long `run` may take: its own timeout, capped by the server's limit.
+pub(crate) fn duration_limit(run: &ClaimedRun, cap: Duration) -> Duration {
+    match run.timeout_seconds {
+        Some(seconds) if seconds > 0 => cap.min(Duration::from_secs(seconds as u64)),
+        _ => cap,
+    }
 }
 
 /// How an executor task ended.
@@ -43,7 +53,15 @@ pub(crate) enum TaskEnd {
 
 /// Runs `run` to its outcome unless the lease is lost, the run is cancelled or
 /// shutdown interrupts it.
-pub(crate) async fn execute(run: ClaimedRun, signals: Signals, context: Arc<Context>) -> TaskEnd {
+///
+/// `deadline` is when the run's duration cap runs out, on this process's
+/// monotonic clock (measured from the claim, so wall-clock skew cannot move it).
+pub(crate) async fn execute(
+    run: ClaimedRun,
+    deadline: tokio::time::Instant,
+    signals: Signals,
+    context: Arc<Context>,
+) -> TaskEnd {
     let lease = Lease {
         id: run.id,
         attempt: run.attempt,
@@ -59,6 +77,17 @@ pub(crate) async fn execute(run: ClaimedRun, signals: Signals, context: Arc<Cont
             _ = signals.lost.cancelled() => return TaskEnd::Dropped(lease),
             _ = context.hard_stop.cancelled() => return TaskEnd::Interrupted(lease),
             _ = signals.cancel.cancelled() => Outcome::Cancelled,
+            // Dropped with the select when the run ends first: no timer outlives it.
+            _ = tokio::time::sleep_until(deadline) => Outcome::Stopped {
+                error: RunError {
+                    reason: ErrorReason::DurationCap,
+                    message: format!(
+                        "the run exceeded its duration cap of {} s",
+                        duration_limit(&run, context.max_run_duration).as_secs_f64()
+                    ),
+                    position: None,
+                },
+            },
             outcome = pipeline(&run, lease, &context, &mut events) => match outcome {
                 Some(outcome) => outcome,
                 None => return TaskEnd::Dropped(lease),
@@ -206,7 +235,13 @@ async fn pipeline(
                     return None;
                 }
                 match answered.await.unwrap_or(CheckpointResult::LeaseLost) {
-                    CheckpointResult::LeaseLost => return None,
+                    CheckpointResult::LeaseLost => {
+                        tracing::warn!(
+                            position,
+                            "lease lost: checkpoint refused, dropping the run"
+                        );
+                        return None;
+                    }
                     CheckpointResult::Stored {
                         cancel_requested: true,
                     } => return Some(Outcome::Cancelled),

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use runq_shared::db::runs::{self, Backoff, RescueReport};
-use runq_shared::db::{workers, DbError};
+use runq_shared::db::workers;
+use runq_shared::db::DbError;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +34,8 @@ impl Rescuer {
     }
 
     /// One pass: rescues every expired lease (in batches) and marks silent
-    /// workers gone.
+    /// workers gone, unless another worker holds the rescuer's lock right now
+    /// (then it does nothing and reports nothing).
     ///
     /// # Errors
     ///
@@ -43,14 +45,17 @@ impl Rescuer {
         let mut total = RescueReport::default();
         loop {
             let report = runs::rescue_expired(&mut conn, RESCUE_BATCH, self.backoff).await?;
+            total.led |= report.led;
             total.retried += report.retried;
             total.failed += report.failed;
+            if !report.led {
+                return Ok(total);
+            }
             if report.retried + report.failed < RESCUE_BATCH as u64 {
-                break;
+                workers::mark_gone(&mut conn, self.stale_worker_ms).await?;
+                return Ok(total);
             }
         }
-        workers::mark_gone(&mut conn, self.stale_worker_ms).await?;
-        Ok(total)
     }
 
     /// Calls [`Rescuer::run_once`] every `every` until `shutdown` fires.

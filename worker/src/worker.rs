@@ -45,6 +45,8 @@ pub struct WorkerReport {
     pub finished: u64,
     /// Runs handed back to pending at shutdown (unstarted or interrupted).
     pub released: u64,
+    /// Runs dropped because their lease was taken over.
+    pub dropped: u64,
 }
 
 /// A worker: any number may run against the same database, on any host.
@@ -185,14 +187,18 @@ impl Worker {
         .start(abandon.clone());
         let completer_task = tokio::spawn(completer_done);
         let hard_stop = CancellationToken::new();
+        let max_run_duration =
+            Duration::from_secs_f64((config.max_run_duration_minutes * 60.0).max(0.001));
         let context = Arc::new(Context {
             handlers: self.handlers.clone(),
             completer,
             hard_stop: hard_stop.clone(),
+            max_run_duration,
         });
 
         let mut report = WorkerReport::default();
-        let mut buffer: VecDeque<ClaimedRun> = VecDeque::new();
+        // Claimed runs not yet started, with the deadline of their duration cap.
+        let mut buffer: VecDeque<(ClaimedRun, tokio::time::Instant)> = VecDeque::new();
         let mut tasks: JoinSet<TaskEnd> = JoinSet::new();
         let mut claiming: Option<ClaimFuture> = None;
         let mut interrupted: Vec<Lease> = Vec::new();
@@ -209,14 +215,16 @@ impl Worker {
 
         loop {
             while tasks.len() < config.concurrency {
-                let Some(run) = buffer.pop_front() else { break };
+                let Some((run, deadline)) = buffer.pop_front() else {
+                    break;
+                };
                 let lease = Lease {
                     id: run.id,
                     attempt: run.attempt,
                 };
                 match leases.signals(run.id) {
                     Some(signals) if !signals.lost.is_cancelled() => {
-                        tasks.spawn(executor::execute(run, signals, context.clone()));
+                        tasks.spawn(executor::execute(run, deadline, signals, context.clone()));
                     }
                     _ => leases.remove(lease),
                 }
@@ -241,9 +249,11 @@ impl Worker {
                             claim_failures = 0;
                             drained = runs.len() < room;
                             report.claimed += runs.len() as u64;
+                            let now = tokio::time::Instant::now();
                             for run in runs {
                                 leases.insert(Lease { id: run.id, attempt: run.attempt });
-                                buffer.push_back(run);
+                                let deadline = now + executor::duration_limit(&run, max_run_duration);
+                                buffer.push_back((run, deadline));
                             }
                         }
                         Err(err) => {
@@ -271,25 +281,26 @@ impl Worker {
 
         // Shutdown. Finish a claim already sent so its runs are released, not
         // left to expire.
-        if let Some(claim) = claiming.take() {
-            if let Ok(runs) = claim.await {
-                report.claimed += runs.len() as u64;
-                for run in runs {
-                    leases.insert(Lease {
-                        id: run.id,
-                        attempt: run.attempt,
-                    });
-                    buffer.push_back(run);
-                }
-            }
-        }
-        let unstarted: Vec<Lease> = buffer
+        let mut unstarted: Vec<Lease> = buffer
             .drain(..)
-            .map(|run| Lease {
+            .map(|(run, _)| Lease {
                 id: run.id,
                 attempt: run.attempt,
             })
             .collect();
+        if let Some(claim) = claiming.take() {
+            if let Ok(runs) = claim.await {
+                report.claimed += runs.len() as u64;
+                for run in runs {
+                    let lease = Lease {
+                        id: run.id,
+                        attempt: run.attempt,
+                    };
+                    leases.insert(lease);
+                    unstarted.push(lease);
+                }
+            }
+        }
         report.released += self.release(&unstarted, &leases).await;
         tracing::info!(
             in_flight = tasks.len(),
@@ -334,6 +345,7 @@ impl Worker {
             claimed = report.claimed,
             finished = report.finished,
             released = report.released,
+            dropped = report.dropped,
             "worker stopped"
         );
         Ok(report)
@@ -370,7 +382,10 @@ fn record(
 ) {
     match ended {
         Ok(TaskEnd::Handed) => report.finished += 1,
-        Ok(TaskEnd::Dropped(lease)) => leases.remove(lease),
+        Ok(TaskEnd::Dropped(lease)) => {
+            report.dropped += 1;
+            leases.remove(lease);
+        }
         Ok(TaskEnd::Interrupted(lease)) => interrupted.push(lease),
         // Handler panics are caught inside the task and fail the step, so this
         // is only reached if the executor itself panicked: its lease stays

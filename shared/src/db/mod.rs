@@ -93,7 +93,11 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
 /// server is reported by the first query, not here.
 pub fn pool(url: &str, max_connections: u32, acquire_timeout: Duration) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.parse()?;
-    let options = options.application_name("runq");
+    // No runq transaction waits on its client for long; one that does belongs
+    // to a paused or hung process and would hold row locks others need.
+    let options = options
+        .application_name("runq")
+        .options([("idle_in_transaction_session_timeout", "30000")]);
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)

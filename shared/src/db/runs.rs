@@ -436,6 +436,7 @@ pub async fn checkpoint_many(
             SELECT r.id, r.tenant_id, r.attempt, r.cancel_requested
             FROM runs r JOIN input i ON i.id = r.id AND i.attempt = r.attempt
             WHERE r.locked_by = $1 AND r.status = 'running'
+            ORDER BY r.id
             FOR SHARE OF r
         ), stored AS (
             UPDATE run_steps s
@@ -566,6 +567,13 @@ pub async fn complete_many(
                 WHEN i.attempt < i.max_attempts THEN 'pending'::run_status
                 ELSE 'failed'::run_status END AS status
             FROM input i
+        ), locked AS (
+            -- Every multi-row write of a worker locks in id order, so the
+            -- completer, the heartbeat and a stale worker never deadlock.
+            SELECT r.id FROM runs r JOIN decided d ON d.id = r.id AND d.attempt = r.attempt
+            WHERE r.locked_by = $1 AND r.status = 'running'
+            ORDER BY r.id
+            FOR UPDATE OF r
         ), done AS (
             UPDATE runs r
             SET status = d.status,
@@ -574,7 +582,7 @@ pub async fn complete_many(
                 locked_by = NULL, lease_expires_at = NULL,
                 result = d.result, error = d.error,
                 finished_at = CASE WHEN d.status = 'pending' THEN NULL ELSE now() END
-            FROM decided d
+            FROM decided d JOIN locked l ON l.id = d.id
             WHERE r.id = d.id AND r.attempt = d.attempt AND r.locked_by = $1
               AND r.status = 'running'
             RETURNING r.id, r.tenant_id, r.queue, r.status, r.attempt, r.max_attempts, r.run_at,
@@ -740,7 +748,9 @@ pub struct HeldRun {
 }
 
 /// Extends the leases of runs `worker` still holds by `lease_ms` in one
-/// statement. Runs missing from the answer were taken away: drop them.
+/// statement. Runs missing from the answer were taken away: drop them. Runs
+/// locked by a concurrent write of the worker itself are reported held but
+/// not extended this time.
 ///
 /// # Errors
 ///
@@ -756,11 +766,23 @@ pub async fn extend_leases(
     let rows = sqlx::query_as!(
         HeldRun,
         r#"
-        UPDATE runs r SET lease_expires_at = now() + $4 * interval '1 millisecond'
-        FROM unnest($2::uuid[], $3::int4[]) AS i(id, attempt)
-        WHERE r.id = i.id AND r.attempt = i.attempt AND r.locked_by = $1
-          AND r.status = 'running'
-        RETURNING r.id, r.cancel_requested
+        WITH held AS (
+            SELECT r.id, r.cancel_requested FROM runs r
+            JOIN unnest($2::uuid[], $3::int4[]) AS i(id, attempt)
+              ON r.id = i.id AND r.attempt = i.attempt
+            WHERE r.locked_by = $1 AND r.status = 'running'
+        ), free AS (
+            -- Rows the completer is writing right now are skipped, not waited
+            -- for: the heartbeat never waits on a lock, so it can never be part
+            -- of a deadlock, and those runs are about to be finished anyway.
+            SELECT r.id FROM runs r JOIN held h ON h.id = r.id
+            WHERE r.locked_by = $1 AND r.status = 'running'
+            FOR UPDATE OF r SKIP LOCKED
+        ), extended AS (
+            UPDATE runs r SET lease_expires_at = now() + $4 * interval '1 millisecond'
+            FROM free WHERE r.id = free.id
+        )
+        SELECT id AS "id!", cancel_requested AS "cancel_requested!" FROM held
         "#,
         worker,
         &ids,
@@ -787,13 +809,19 @@ pub async fn release_many(
     let attempts: Vec<i32> = leases.iter().map(|l| l.attempt).collect();
     let released = sqlx::query_scalar!(
         r#"
-        WITH released AS (
+        WITH locked AS (
+            SELECT r.id FROM runs r
+            JOIN unnest($2::uuid[], $3::int4[]) AS i(id, attempt)
+              ON r.id = i.id AND r.attempt = i.attempt
+            WHERE r.locked_by = $1 AND r.status = 'running'
+            ORDER BY r.id
+            FOR UPDATE OF r
+        ), released AS (
             UPDATE runs r
             SET status = 'pending', attempt = r.attempt - 1, locked_by = NULL,
                 lease_expires_at = NULL, started_at = NULL, run_at = now()
-            FROM unnest($2::uuid[], $3::int4[]) AS i(id, attempt)
-            WHERE r.id = i.id AND r.attempt = i.attempt AND r.locked_by = $1
-              AND r.status = 'running'
+            FROM locked
+            WHERE r.id = locked.id AND r.locked_by = $1 AND r.status = 'running'
             RETURNING r.*
         ), recorded AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, payload)
@@ -818,6 +846,8 @@ pub async fn release_many(
 /// What one rescue pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RescueReport {
+    /// This worker held the rescuer's lock (else another worker rescues this tick).
+    pub led: bool,
     /// Runs put back to pending for another attempt.
     pub retried: u64,
     /// Runs failed because their attempts were used up.
@@ -826,9 +856,9 @@ pub struct RescueReport {
 
 /// Takes back up to `limit` running runs whose lease expired (their worker
 /// died or stalled): pending again after a backoff while attempts remain, else
-/// failed, with `error.reason = "lease_expired"` and an outbox row. Rows other
-/// rescuers or completers have locked are skipped, so any number of workers
-/// can run this at once.
+/// failed, with `error.reason = "lease_expired"` and an outbox row. Only the
+/// worker that gets the rescuer's advisory lock for this statement does it;
+/// rows a completer has locked are skipped.
 ///
 /// # Errors
 ///
@@ -840,9 +870,14 @@ pub async fn rescue_expired(
 ) -> Result<RescueReport, DbError> {
     let row = sqlx::query!(
         r#"
-        WITH expired AS (
+        WITH lead AS (
+            -- One rescuer per tick, whichever worker gets the lock. It lives only
+            -- as long as this one statement, so a worker paused mid-pass (GC,
+            -- SIGSTOP) cannot hold it and stop everyone else's rescues.
+            SELECT pg_try_advisory_xact_lock($4) AS led
+        ), expired AS (
             SELECT id FROM runs
-            WHERE status = 'running' AND lease_expires_at < now()
+            WHERE (SELECT led FROM lead) AND status = 'running' AND lease_expires_at < now()
             ORDER BY lease_expires_at
             LIMIT $1
             FOR UPDATE SKIP LOCKED
@@ -869,17 +904,19 @@ pub async fn rescue_expired(
                                  ELSE 'run.retrying' END AS event_type
                   FROM rescued) changed
         )
-        SELECT count(*) FILTER (WHERE status = 'pending') AS "retried!",
-               count(*) FILTER (WHERE status = 'failed') AS "failed!"
-        FROM rescued
+        SELECT (SELECT led FROM lead) AS "led!",
+               (SELECT count(*) FROM rescued WHERE status = 'pending') AS "retried!",
+               (SELECT count(*) FROM rescued WHERE status = 'failed') AS "failed!"
         "#,
         limit,
         backoff.base_ms,
         backoff.max_ms,
+        super::workers::Service::Rescuer as i64,
     )
     .fetch_one(&mut *conn)
     .await?;
     Ok(RescueReport {
+        led: row.led,
         retried: row.retried as u64,
         failed: row.failed as u64,
     })
@@ -1074,4 +1111,57 @@ async fn lock_status(
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(DbError::RunNotFound(id))
+}
+
+/// Puts up to `limit` of `tenant`'s runs in `status` (failed, stopped_quota or
+/// cancelled), optionally of one queue or project, back to pending with fresh
+/// attempts, oldest first, each with a `run.requeued` outbox row. Runs locked
+/// by a concurrent change are skipped.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn retry_many(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    status: RunStatus,
+    queue: Option<&str>,
+    project_id: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<RunId>, DbError> {
+    Ok(sqlx::query_scalar!(
+        r#"
+        WITH target AS (
+            SELECT id FROM runs
+            WHERE tenant_id = $1 AND status = $2
+              AND status IN ('failed', 'stopped_quota', 'cancelled')
+              AND ($3::text IS NULL OR queue = $3)
+              AND ($4::uuid IS NULL OR project_id = $4)
+            ORDER BY id
+            LIMIT $5
+            FOR UPDATE SKIP LOCKED
+        ), requeued AS (
+            UPDATE runs r SET status = 'pending', attempt = 0, run_at = now(), error = NULL,
+                result = NULL, finished_at = NULL, started_at = NULL, cancel_requested = false
+            FROM target WHERE r.id = target.id
+            RETURNING r.*
+        ), recorded AS (
+            INSERT INTO outbox (tenant_id, run_id, event_type, payload)
+            SELECT tenant_id, id, 'run.requeued',
+                   runq_event_payload('run.requeued', id, tenant_id, queue, status, attempt,
+                                      max_attempts, run_at, error, result)
+            FROM requeued
+        ), notified AS (
+            SELECT pg_notify('runq_pending', '') WHERE EXISTS (SELECT 1 FROM requeued)
+        )
+        SELECT id AS "id!" FROM requeued LEFT JOIN notified ON true ORDER BY id
+        "#,
+        tenant,
+        status as RunStatus,
+        queue,
+        project_id,
+        limit,
+    )
+    .fetch_all(&mut *conn)
+    .await?)
 }

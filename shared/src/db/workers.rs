@@ -76,3 +76,11 @@ pub async fn mark_gone(conn: &mut PgConnection, stale_ms: i64) -> Result<u64, Db
     .await?;
     Ok(done.rows_affected())
 }
+
+/// Advisory lock keys of the maintenance services, one per service.
+#[derive(Debug, Clone, Copy)]
+#[repr(i64)]
+pub enum Service {
+    /// The lease rescuer.
+    Rescuer = 0x7275_6e71_0001,
+}

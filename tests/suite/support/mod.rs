@@ -26,6 +26,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod handlers;
+pub mod process;
+pub mod target;
 
 /// Where the test server is: an admin URL (database `postgres` or the one
 /// given) that may create databases.
@@ -145,7 +147,8 @@ pub struct TestDb {
     pub pool: PgPool,
     /// Its URL, for worker processes.
     pub url: String,
-    name: String,
+    /// Dropped with this value unless it was attached to.
+    name: Option<String>,
 }
 
 impl TestDb {
@@ -164,7 +167,23 @@ impl TestDb {
         admin.close().await.ok();
         let url = url_for(&admin_url, &name);
         let pool = db::pool(&url, 20, Duration::from_secs(10)).expect("pool");
-        TestDb { pool, url, name }
+        TestDb {
+            pool,
+            url,
+            name: Some(name),
+        }
+    }
+
+    /// The database at `url` (migrated by whoever made it), left in place
+    /// when dropped.
+    pub async fn attach(url: &str) -> Self {
+        let pool = db::pool(url, 5, Duration::from_secs(10)).expect("pool");
+        db::migrate(&pool).await.expect("migrate");
+        TestDb {
+            pool,
+            url: url.to_owned(),
+            name: None,
+        }
     }
 
     /// A separate pool on the same database (another "process" worth of
@@ -253,8 +272,10 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        let Some(name) = self.name.clone() else {
+            return;
+        };
         let admin_url = server().admin_url.clone();
-        let name = self.name.clone();
         // Drop runs inside the test's runtime, which cannot be blocked on, so
         // the database is dropped from a thread of its own.
         let dropped = std::thread::spawn(move || {
@@ -382,4 +403,53 @@ pub async fn token(db: &TestDb, tenant: TenantId) -> String {
     db::tenants::create_token(&mut conn, tenant, "test")
         .await
         .expect("token")
+}
+
+/// Checks DESIGN.md's invariants over every run of `db` after a fault:
+/// each run has exactly one `run.created` row; its attempt equals its
+/// `run.started` rows minus its `run.released` rows (attempts counted right);
+/// a terminal run has exactly one terminal outbox row and others none (never
+/// completed twice); its last outbox row carries its current status (every
+/// state change has its row); nothing is left running without a live lease.
+pub async fn check_invariants(db: &TestDb) {
+    let violations: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        r#"
+        WITH counted AS (
+            SELECT r.id, r.status, r.attempt, r.lease_expires_at,
+                   count(*) FILTER (WHERE o.event_type = 'run.created') AS created,
+                   count(*) FILTER (WHERE o.event_type = 'run.started') AS started,
+                   count(*) FILTER (WHERE o.event_type = 'run.released') AS released,
+                   count(*) FILTER (WHERE o.event_type IN
+                       ('run.succeeded', 'run.failed', 'run.cancelled', 'run.stopped')) AS terminal,
+                   (SELECT o2.payload->'run'->>'status' FROM outbox o2
+                     WHERE o2.run_id = r.id ORDER BY o2.id DESC LIMIT 1) AS last_status
+            FROM runs r LEFT JOIN outbox o ON o.run_id = r.id
+            GROUP BY r.id
+        )
+        SELECT id, CASE
+            WHEN created <> 1 THEN format('%s run.created rows', created)
+            WHEN attempt <> started - released
+                THEN format('attempt %s but %s started and %s released', attempt, started, released)
+            WHEN status IN ('succeeded', 'failed', 'cancelled', 'stopped_quota') AND terminal <> 1
+                THEN format('%s terminal rows for a %s run', terminal, status)
+            WHEN status IN ('pending', 'running') AND terminal <> 0
+                THEN format('%s terminal rows for a %s run', terminal, status)
+            WHEN last_status IS DISTINCT FROM status::text
+                THEN format('status %s but last outbox row says %s', status, last_status)
+            WHEN status = 'running' AND lease_expires_at < now() - interval '1 minute'
+                THEN 'running under a long-dead lease'
+            END
+        FROM counted
+        WHERE created <> 1 OR attempt <> started - released
+           OR (status IN ('succeeded', 'failed', 'cancelled', 'stopped_quota') AND terminal <> 1)
+           OR (status IN ('pending', 'running') AND terminal <> 0)
+           OR last_status IS DISTINCT FROM status::text
+           OR (status = 'running' AND lease_expires_at < now() - interval '1 minute')
+        LIMIT 10
+        "#,
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("invariant query");
+    assert!(violations.is_empty(), "invariants violated: {violations:?}");
 }
