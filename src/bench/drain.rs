@@ -1,0 +1,112 @@
+//! The drain phase: `n` queued runs, one worker process started cold, and the
+//! time until the database shows every run `succeeded`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use runq_shared::db;
+use serde::Serialize;
+
+use super::clock::DbClock;
+use super::harness::Harness;
+use super::{enqueue, per_second, whole_ms, QUEUE};
+
+/// How often the succeeded count is read. Each read is a scan of the queue's
+/// runs, so polling faster costs the worker CPU on a small machine; 10 ms
+/// keeps the overshoot of the measured time at a few milliseconds.
+const POLL: Duration = Duration::from_millis(10);
+/// A drain that makes no progress for this long has failed.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One drain.
+#[derive(Serialize, Debug)]
+pub struct DrainReport {
+    /// The worker's slots.
+    concurrency: usize,
+    /// Runs drained.
+    jobs: u64,
+    /// From just before the worker was started until all runs had succeeded.
+    ms: u64,
+    /// `jobs` over `ms`.
+    jobs_per_s: u64,
+    /// From just before the worker was started until it claimed its first
+    /// run (database clock): process start, connecting, migration check,
+    /// registration and the first claim.
+    startup_ms: u64,
+}
+
+/// One drain per value of `concurrencies`, each of `n` runs.
+///
+/// # Errors
+///
+/// Database errors, or a worker that exits, stalls or cannot be stopped.
+pub async fn run(
+    harness: &Harness,
+    n: u64,
+    concurrencies: &[usize],
+) -> anyhow::Result<Vec<DrainReport>> {
+    let mut reports = Vec::with_capacity(concurrencies.len());
+    for &concurrency in concurrencies {
+        reports.push(drain(harness, n, concurrency).await?);
+    }
+    harness.reset().await?;
+    Ok(reports)
+}
+
+async fn drain(harness: &Harness, n: u64, concurrency: usize) -> anyhow::Result<DrainReport> {
+    harness.reset().await?;
+    let filling = harness
+        .progress
+        .bar(format!("drain c={concurrency}: enqueue"), n);
+    enqueue::fill(harness, n, &filling).await?;
+    filling.finish();
+    super::check_count(harness, n, "drain").await?;
+    let mut conn = harness.pool.acquire().await.context("connecting")?;
+    db::bench::analyze(&mut conn)
+        .await
+        .context("analyzing the run tables")?;
+
+    let bar = harness.progress.bar(format!("drain c={concurrency}"), n);
+    let clock = DbClock::read(&harness.pool).await?;
+    let spawned_at = Instant::now();
+    let mut worker = harness.spawn_worker(concurrency)?;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (0, Instant::now());
+    let elapsed = loop {
+        tick.tick().await;
+        let succeeded = db::bench::runs_succeeded_count(&mut conn, QUEUE)
+            .await
+            .context("counting succeeded runs")?;
+        let succeeded = u64::try_from(succeeded).unwrap_or(0);
+        if succeeded >= n {
+            break spawned_at.elapsed();
+        }
+        bar.set(succeeded);
+        worker.check_alive()?;
+        if succeeded > last.0 {
+            last = (succeeded, Instant::now());
+        } else if last.1.elapsed() > STALL_TIMEOUT {
+            bail!(
+                "drain c={concurrency}: no run succeeded for {} s ({succeeded} of {n} done)",
+                STALL_TIMEOUT.as_secs()
+            );
+        }
+    };
+    bar.set(n);
+    bar.finish();
+    let first_start = db::bench::runs_first_started_at(&mut conn, QUEUE)
+        .await
+        .context("reading when the first run started")?
+        .context("all runs succeeded but none has a start time")?;
+    drop(conn);
+    worker.stop().await?;
+    let startup_ms = clock.ms_from(spawned_at, first_start).max(0.0).round() as u64;
+    Ok(DrainReport {
+        concurrency,
+        jobs: n,
+        ms: whole_ms(elapsed),
+        jobs_per_s: per_second(n, elapsed),
+        startup_ms,
+    })
+}

@@ -1,0 +1,210 @@
+//! What every phase shares: the library's pool, the in-process API and an HTTP
+//! client for it, the bench tenant, and how to build a bench run.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use runq_shared::config::{ApiConfig, DatabaseArgs};
+use runq_shared::{db, CreateRun, NewRun, NewStep, TenantId};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::progress::Progress;
+use super::worker::WorkerProcess;
+use super::QUEUE;
+
+/// Largest request body the in-process API accepts (the `runq api` default).
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Connections of the library's own pool: ten callers in flight, plus the
+/// connection that polls, plus slack.
+const LIBRARY_CONNECTIONS: u32 = 16;
+
+/// The shared state of a benchmark.
+pub struct Harness {
+    /// The pool the library measurements and the bookkeeping queries use
+    /// (not the API's, which is its own, as in a real deployment).
+    pub pool: PgPool,
+    /// The bench tenant.
+    pub tenant: TenantId,
+    /// The client that drives the API.
+    pub client: reqwest::Client,
+    /// `http://127.0.0.1:<port>/v1`.
+    pub base: String,
+    /// `Bearer <token>` of the bench tenant.
+    pub authorization: String,
+    /// Progress on stderr.
+    pub progress: Progress,
+    database_url: String,
+    database: DatabaseArgs,
+    worker_logs: bool,
+    api: ApiServer,
+}
+
+impl Harness {
+    /// Migrates the database, refuses one that holds other queues' runs,
+    /// empties the run tables, creates the bench tenant and a token, and
+    /// starts the API on a loopback port.
+    ///
+    /// # Errors
+    ///
+    /// The database is unreachable or holds runs of other queues, or the
+    /// loopback port cannot be bound.
+    pub async fn start(
+        database_url: &str,
+        database: &DatabaseArgs,
+        worker_logs: bool,
+        progress: Progress,
+    ) -> anyhow::Result<Self> {
+        let acquire_timeout = Duration::from_millis(database.acquire_timeout_ms);
+        let pool = db::pool(database_url, LIBRARY_CONNECTIONS, acquire_timeout)
+            .context("parsing the database URL")?;
+        db::migrate(&pool).await.context("applying migrations")?;
+        let mut conn = pool.acquire().await.context("connecting")?;
+        if db::bench::runs_outside_queue(&mut conn, QUEUE)
+            .await
+            .context("looking for other queues' runs")?
+        {
+            bail!(
+                "the database holds runs outside queue '{QUEUE}'; runq bench empties the run \
+                 tables, so give it a database of its own (--database-url)"
+            );
+        }
+        db::bench::reset(&mut conn)
+            .await
+            .context("emptying the run tables")?;
+        let tenant = db::tenants::ensure(&mut conn, "bench")
+            .await
+            .context("creating the bench tenant")?;
+        let token = db::tenants::create_token(&mut conn, tenant, "bench")
+            .await
+            .context("creating a token for the bench tenant")?;
+        drop(conn);
+
+        let api_pool = db::pool(database_url, database.max_connections, acquire_timeout)
+            .context("parsing the database URL")?;
+        let api = ApiServer::start(api_pool)?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self {
+            pool,
+            tenant,
+            client,
+            base: format!("http://{}/v1", api.address),
+            authorization: format!("Bearer {token}"),
+            progress,
+            database_url: database_url.to_owned(),
+            database: database.clone(),
+            worker_logs,
+            api,
+        })
+    }
+
+    /// Empties the run tables.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn reset(&self) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await.context("connecting")?;
+        db::bench::reset(&mut conn)
+            .await
+            .context("emptying the run tables")
+    }
+
+    /// Starts a `runq worker` process on the bench queue with `concurrency`
+    /// slots and every other setting at its default.
+    ///
+    /// # Errors
+    ///
+    /// The process cannot be started.
+    pub fn spawn_worker(&self, concurrency: usize) -> anyhow::Result<WorkerProcess> {
+        WorkerProcess::spawn(
+            &self.database_url,
+            &self.database,
+            concurrency,
+            self.worker_logs,
+        )
+    }
+
+    /// Stops the API and waits for it to finish its connections.
+    ///
+    /// # Errors
+    ///
+    /// The server failed while serving.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.api.shutdown().await
+    }
+}
+
+/// The bench run number `i`: one `echo` step with input `{"i": i}`.
+pub fn bench_run(i: u64) -> CreateRun {
+    let mut run = CreateRun::new(vec![NewStep::new("echo", "echo", json!({ "i": i }))]);
+    run.queue = QUEUE.to_owned();
+    run
+}
+
+/// [`bench_run`] as the library takes it.
+pub fn bench_new_run(tenant: TenantId, i: u64) -> NewRun {
+    NewRun {
+        tenant_id: tenant,
+        idempotency_key: None,
+        run: bench_run(i),
+    }
+}
+
+/// The real API (`runq_api::serve_on`) on `127.0.0.1:<free port>`, in this
+/// process. Dropping it stops the server.
+struct ApiServer {
+    address: std::net::SocketAddr,
+    stop: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl ApiServer {
+    fn start(pool: PgPool) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .context("binding 127.0.0.1:0 for the API")?;
+        let address = listener.local_addr().context("reading the API's address")?;
+        let config = ApiConfig {
+            listen: address.to_string(),
+            max_body_bytes: MAX_BODY_BYTES,
+            step_kinds: Vec::new(),
+        };
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone().cancelled_owned();
+        // The listener is bound already, so requests sent before the server
+        // polls it wait in the backlog instead of being refused.
+        let task =
+            tokio::spawn(
+                async move { runq_api::serve_on(listener, pool, &config, shutdown).await },
+            );
+        Ok(Self {
+            address,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.await
+                .context("the API task panicked")?
+                .context("serving the API")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
