@@ -1,14 +1,16 @@
 //! Correctness under load: many runs, many workers with their own pools,
 //! every run executed exactly once and accounted for in the outbox.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use runq_shared::config::WorkerConfig;
 use runq_shared::{CreateRun, NewStep, RunStatus};
 use runq_worker::Worker;
 use serde_json::json;
 
 use crate::support::handlers::{Count, Double, Executions};
-use crate::support::{worker_config, RunningWorker, TestDb};
+use crate::support::{check_invariants, echo_run, wait_for, worker_config, RunningWorker, TestDb};
 
 fn start_workers(
     db: &TestDb,
@@ -182,4 +184,48 @@ async fn two_hundred_runs_on_fifteen_workers_have_exactly_one_terminal_outbox_ro
     let orphans: i64 =
         db.scalar("SELECT count(*) FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = o.run_id)").await;
     assert_eq!(orphans, 0);
+}
+
+/// A worker keeps claiming for as long as the queue has runs, on its own: no
+/// poll and no notification is needed after a full claim, and it never holds
+/// more runs than its slots plus its prefetch, even while outcomes wait to be
+/// written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_claims_again_without_polls_and_holds_at_most_its_capacity() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    db.enqueue(
+        tenant,
+        (0..300).map(|i| echo_run(json!({ "i": i }))).collect(),
+    )
+    .await;
+    let config = WorkerConfig {
+        prefetch: 10,
+        // Only the first claim may come from start-up; every later one must
+        // follow from room freed by finished runs.
+        poll_interval_ms: 3_600_000,
+        ..worker_config(5)
+    };
+    let capacity = (config.concurrency + config.prefetch) as i64;
+    let worker = RunningWorker::start(Worker::new(db.new_pool(4), config));
+
+    let most_held = AtomicI64::new(0);
+    wait_for(
+        "all 300 runs to succeed",
+        Duration::from_secs(30),
+        &mut || async {
+            let held: i64 = db.count_status("running").await;
+            most_held.fetch_max(held, Ordering::Relaxed);
+            db.count_status("succeeded").await == 300
+        },
+    )
+    .await;
+    worker.stop().await;
+
+    let most_held = most_held.into_inner();
+    assert!(
+        most_held <= capacity,
+        "held {most_held} runs at once, capacity {capacity}"
+    );
+    check_invariants(&db).await;
 }

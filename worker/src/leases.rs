@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use runq_shared::db::runs::Lease;
 use runq_shared::RunId;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Signals to one held run's executor.
@@ -26,13 +27,17 @@ struct Held {
 
 /// Shared registry of held runs.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Leases(Arc<Mutex<HashMap<RunId, Held>>>);
+pub(crate) struct Leases {
+    held: Arc<Mutex<HashMap<RunId, Held>>>,
+    /// Signalled when a run is forgotten, so the claim loop sees the room.
+    freed: Arc<Notify>,
+}
 
 impl Leases {
     fn map(&self) -> MutexGuard<'_, HashMap<RunId, Held>> {
         // A panic while holding this lock cannot leave the map half-updated
         // (every critical section is a single insert, remove or read).
-        self.0
+        self.held
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -58,7 +63,19 @@ impl Leases {
             .is_some_and(|held| held.attempt == lease.attempt)
         {
             map.remove(&lease.id);
+            drop(map);
+            self.freed.notify_one();
         }
+    }
+
+    /// Resolves once a run was forgotten since the last call.
+    pub(crate) async fn freed(&self) {
+        self.freed.notified().await;
+    }
+
+    /// How many runs are held.
+    pub(crate) fn len(&self) -> usize {
+        self.map().len()
     }
 
     /// Every held lease.

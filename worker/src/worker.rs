@@ -200,7 +200,8 @@ impl Worker {
         // Claimed runs not yet started, with the deadline of their duration cap.
         let mut buffer: VecDeque<(ClaimedRun, tokio::time::Instant)> = VecDeque::new();
         let mut tasks: JoinSet<TaskEnd> = JoinSet::new();
-        let mut claiming: Option<ClaimFuture> = None;
+        // The claim in flight, with the number of runs it asked for.
+        let mut claiming: Option<(ClaimFuture, usize)> = None;
         let mut interrupted: Vec<Lease> = Vec::new();
         // Set when a claim came back short: wait for a notification or a poll.
         let mut drained = false;
@@ -229,25 +230,36 @@ impl Worker {
                     _ => leases.remove(lease),
                 }
             }
-            let room = capacity.saturating_sub(tasks.len() + buffer.len());
+            // Held runs, not just running tasks: a run whose outcome waits in
+            // the completer still holds its lease, so this bounds what the
+            // worker keeps from other workers when its writes slow down.
+            let room = capacity.saturating_sub(leases.len());
             if claiming.is_none() && !drained && room > 0 && buffer.len() <= low_water {
-                claiming = Some(Box::pin(claim(
-                    self.pool.clone(),
-                    self.id,
-                    config.queues.clone(),
+                claiming = Some((
+                    claim(
+                        self.pool.clone(),
+                        self.id,
+                        config.queues.clone(),
+                        room,
+                        config.lease_ms,
+                    ),
                     room,
-                    config.lease_ms,
-                )));
+                ));
             }
             tokio::select! {
-                claimed = async { claiming.as_mut().expect("guarded by the branch condition").await },
-                    if claiming.is_some() =>
+                (claimed, asked) = async {
+                    let (future, asked) = claiming.as_mut().expect("guarded by the branch condition");
+                    (future.await, *asked)
+                }, if claiming.is_some() =>
                 {
                     claiming = None;
                     match claimed {
                         Ok(runs) => {
                             claim_failures = 0;
-                            drained = runs.len() < room;
+                            // Compared with what this claim asked for, not with
+                            // today's room: runs that finished meanwhile must not
+                            // make a full claim look like an empty queue.
+                            drained = runs.len() < asked;
                             report.claimed += runs.len() as u64;
                             let now = tokio::time::Instant::now();
                             for run in runs {
@@ -273,6 +285,7 @@ impl Worker {
                 Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
                     record(ended, &mut report, &mut interrupted, &leases);
                 }
+                _ = leases.freed() => {}
                 _ = wake.notified() => drained = false,
                 _ = poll.tick() => drained = false,
                 _ = shutdown.cancelled() => break,
@@ -288,7 +301,7 @@ impl Worker {
                 attempt: run.attempt,
             })
             .collect();
-        if let Some(claim) = claiming.take() {
+        if let Some((claim, _)) = claiming.take() {
             if let Ok(runs) = claim.await {
                 report.claimed += runs.len() as u64;
                 for run in runs {

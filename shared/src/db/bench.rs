@@ -84,6 +84,25 @@ pub async fn runs_succeeded_count(conn: &mut PgConnection, queue: &str) -> Resul
     Ok(count)
 }
 
+/// Whether `queue` still has runs waiting or running. Cheap enough to poll
+/// while a worker drains the queue: it reads the head of the pending index
+/// and the running-lease index instead of counting the queue's runs.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn runs_unfinished(conn: &mut PgConnection, queue: &str) -> Result<bool, DbError> {
+    let unfinished = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND queue = $1)
+               OR EXISTS (SELECT 1 FROM runs WHERE status = 'running' AND queue = $1)
+               AS "unfinished!""#,
+        queue,
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(unfinished)
+}
+
 /// The database's clock now (`clock_timestamp()`, not the transaction start),
 /// to align it with the caller's clock.
 ///

@@ -96,9 +96,14 @@ pub fn pool(url: &str, max_connections: u32, acquire_timeout: Duration) -> Resul
     let options: PgConnectOptions = url.parse()?;
     // No runq transaction waits on its client for long; one that does belongs
     // to a paused or hung process and would hold row locks others need.
-    let options = options
-        .application_name("runq")
-        .options([("idle_in_transaction_session_timeout", "30000")]);
+    // runq's rows are hot in the cache, so a primary-key probe costs little
+    // more than a sequential page read: with the default of 4 the planner
+    // hash-joins a batch of a few hundred completions against a scan of the
+    // whole runs table instead of probing the key for each.
+    let options = options.application_name("runq").options([
+        ("idle_in_transaction_session_timeout", "30000"),
+        ("random_page_cost", "1.1"),
+    ]);
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)

@@ -310,16 +310,25 @@ pub async fn claim(
     let rows = sqlx::query!(
         r#"
         WITH next AS (
-            SELECT id FROM runs
-            WHERE status = 'pending' AND queue = ANY($1) AND run_at <= now()
-            ORDER BY priority DESC, run_at, id
+            -- DESIGN.md's claim, one queue at a time: `queue = ANY($1)` cannot
+            -- walk the pending index in order, so it sorts the whole backlog on
+            -- every claim. Per queue the index hands over the head of the queue
+            -- in order and the cost stays flat however long the backlog is.
+            SELECT n.id FROM unnest($1::text[]) AS q(queue)
+            CROSS JOIN LATERAL (
+                SELECT id, priority, run_at FROM runs
+                WHERE status = 'pending' AND queue = q.queue AND run_at <= now()
+                ORDER BY priority DESC, run_at, id
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ) n
+            ORDER BY n.priority DESC, n.run_at, n.id
             LIMIT $2
-            FOR UPDATE SKIP LOCKED
         ), claimed AS (
             UPDATE runs r
             SET status = 'running', attempt = r.attempt + 1, locked_by = $3,
                 started_at = now(), lease_expires_at = now() + $4 * interval '1 millisecond'
-            FROM next WHERE r.id = next.id
+            WHERE r.id = ANY(ARRAY(SELECT id FROM next))
             RETURNING r.*
         ), started AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, payload)
@@ -420,36 +429,45 @@ pub async fn checkpoint_many(
     checkpoints: &[Checkpoint],
     events: &[StepEvent],
 ) -> Result<Vec<CheckpointResult>, DbError> {
-    let ids: Vec<Uuid> = checkpoints.iter().map(|c| c.lease.id).collect();
-    let attempts: Vec<i32> = checkpoints.iter().map(|c| c.lease.attempt).collect();
-    let positions: Vec<i32> = checkpoints.iter().map(|c| c.position).collect();
-    let outputs: Vec<Value> = checkpoints.iter().map(|c| c.output.clone()).collect();
-    let started: Vec<DateTime<Utc>> = checkpoints.iter().map(|c| c.started_at).collect();
+    let mut sorted: Vec<&Checkpoint> = checkpoints.iter().collect();
+    sorted.sort_by_key(|c| c.lease.id);
+    let ids: Vec<Uuid> = sorted.iter().map(|c| c.lease.id).collect();
+    let attempts: Vec<i32> = sorted.iter().map(|c| c.lease.attempt).collect();
+    let positions: Vec<i32> = sorted.iter().map(|c| c.position).collect();
+    let outputs: Vec<Value> = sorted.iter().map(|c| c.output.clone()).collect();
+    let started: Vec<DateTime<Utc>> = sorted.iter().map(|c| c.started_at).collect();
     let events = EventColumns::new(events);
+    // Shaped for the planner on stale statistics. Right after a burst of
+    // claims, statistics still say no run is locked, so `locked_by = $1` as a
+    // filter is estimated at one row and the planner loops the whole input
+    // over every held run. The fence is therefore a join column of the input
+    // (kept from being folded back into a constant by `OFFSET 0`): runs are
+    // found by primary key, or by one hash join on a small table. CTE results
+    // are read back as arrays, never joined row by row, for the same reason.
     let rows = sqlx::query!(
         r#"
-        WITH input AS (
-            SELECT * FROM unnest($2::uuid[], $3::int4[], $4::int4[], $5::jsonb[],
-                                 $6::timestamptz[])
-                AS t(id, attempt, position, output, started_at)
-        ), owned AS (
-            SELECT r.id, r.tenant_id, r.attempt, r.cancel_requested
-            FROM runs r JOIN input i ON i.id = r.id AND i.attempt = r.attempt
-            WHERE r.locked_by = $1 AND r.status = 'running'
-            ORDER BY r.id
+        WITH owned AS (
+            SELECT r.id, r.cancel_requested
+            FROM (SELECT *, $1::uuid AS worker FROM unnest($2::uuid[], $3::int4[])
+                      AS t(id, attempt) OFFSET 0) i
+            JOIN runs r ON r.id = i.id AND r.attempt = i.attempt AND r.locked_by = i.worker
             FOR SHARE OF r
         ), stored AS (
             UPDATE run_steps s
             SET status = 'succeeded', attempt = i.attempt, output = i.output, error = NULL,
                 started_at = i.started_at, finished_at = now()
-            FROM input i JOIN owned o ON o.id = i.id
+            FROM unnest($2::uuid[], $3::int4[], $4::int4[], $5::jsonb[], $6::timestamptz[])
+                AS i(id, attempt, position, output, started_at)
             WHERE s.run_id = i.id AND s.position = i.position
+              AND i.id = ANY(ARRAY(SELECT id FROM owned))
         ), recorded AS (
             INSERT INTO run_events (run_id, tenant_id, attempt, position, kind, data)
-            SELECT e.run_id, o.tenant_id, e.attempt, e.position, e.kind, e.data
+            SELECT e.run_id, s.tenant_id, e.attempt, e.position, e.kind, e.data
             FROM unnest($7::uuid[], $8::int4[], $9::int4[], $10::text[], $11::jsonb[])
-                AS e(run_id, attempt, position, kind, data)
-            JOIN owned o ON o.id = e.run_id AND o.attempt = e.attempt
+                WITH ORDINALITY AS e(run_id, attempt, position, kind, data, ord)
+            JOIN run_steps s ON s.run_id = e.run_id AND s.position = e.position
+            WHERE e.run_id = ANY(ARRAY(SELECT id FROM owned))
+            ORDER BY e.ord
         )
         SELECT id AS "id!", cancel_requested AS "cancel_requested!" FROM owned
         "#,
@@ -546,35 +564,20 @@ pub async fn complete_many(
     events: &[StepEvent],
     backoff: Backoff,
 ) -> Result<Vec<RunId>, DbError> {
+    let mut sorted: Vec<&Completion> = completions.iter().collect();
+    sorted.sort_by_key(|c| c.lease.id);
     let mut cols = CompletionColumns::default();
-    for completion in completions {
+    for completion in sorted {
         cols.push(completion);
     }
     let events = EventColumns::new(events);
+    // The input is sorted by id, so concurrent completions driven from it
+    // into the primary key lock rows in the same order. The fence is a join
+    // column, and CTEs are read back as arrays, for the planner's sake (see
+    // `checkpoint_many`).
     let written = sqlx::query_scalar!(
         r#"
-        WITH input AS (
-            SELECT * FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::jsonb[], $6::jsonb[],
-                                 $7::int4[], $8::step_status[], $9::jsonb[], $10::timestamptz[],
-                                 $11::int4[])
-                AS t(id, attempt, outcome, result, error, position, step_status, step_output,
-                     step_started_at, max_attempts)
-        ), decided AS (
-            SELECT i.*, CASE
-                WHEN i.outcome = 'succeeded' THEN 'succeeded'::run_status
-                WHEN i.outcome = 'stopped' THEN 'stopped_quota'::run_status
-                WHEN i.outcome = 'cancelled' THEN 'cancelled'::run_status
-                WHEN i.attempt < i.max_attempts THEN 'pending'::run_status
-                ELSE 'failed'::run_status END AS status
-            FROM input i
-        ), locked AS (
-            -- Every multi-row write of a worker locks in id order, so the
-            -- completer, the heartbeat and a stale worker never deadlock.
-            SELECT r.id FROM runs r JOIN decided d ON d.id = r.id AND d.attempt = r.attempt
-            WHERE r.locked_by = $1 AND r.status = 'running'
-            ORDER BY r.id
-            FOR UPDATE OF r
-        ), done AS (
+        WITH done AS (
             UPDATE runs r
             SET status = d.status,
                 run_at = CASE WHEN d.status = 'pending'
@@ -582,24 +585,41 @@ pub async fn complete_many(
                 locked_by = NULL, lease_expires_at = NULL,
                 result = d.result, error = d.error,
                 finished_at = CASE WHEN d.status = 'pending' THEN NULL ELSE now() END
-            FROM decided d JOIN locked l ON l.id = d.id
-            WHERE r.id = d.id AND r.attempt = d.attempt AND r.locked_by = $1
-              AND r.status = 'running'
+            FROM (
+                SELECT i.*, CASE
+                    WHEN i.outcome = 'succeeded' THEN 'succeeded'::run_status
+                    WHEN i.outcome = 'stopped' THEN 'stopped_quota'::run_status
+                    WHEN i.outcome = 'cancelled' THEN 'cancelled'::run_status
+                    WHEN i.attempt < i.max_attempts THEN 'pending'::run_status
+                    ELSE 'failed'::run_status END AS status
+                FROM (SELECT *, $1::uuid AS worker
+                      FROM unnest($2::uuid[], $3::int4[], $4::text[], $5::jsonb[],
+                                  $6::jsonb[], $7::int4[], $8::step_status[], $9::jsonb[],
+                                  $10::timestamptz[], $11::int4[])
+                          AS t(id, attempt, outcome, result, error, position, step_status,
+                               step_output, step_started_at, max_attempts)
+                      OFFSET 0) i
+            ) d
+            WHERE r.id = d.id AND r.attempt = d.attempt AND r.locked_by = d.worker
             RETURNING r.id, r.tenant_id, r.queue, r.status, r.attempt, r.max_attempts, r.run_at,
-                      r.error, r.result
+                      r.error, r.result, d.position, d.step_status, d.step_output,
+                      d.step_started_at
         ), step AS (
             UPDATE run_steps s
-            SET status = d.step_status, attempt = d.attempt, output = d.step_output,
-                error = CASE WHEN d.step_status = 'failed' THEN d.error END,
-                started_at = d.step_started_at, finished_at = now()
-            FROM done JOIN decided d ON d.id = done.id
-            WHERE s.run_id = d.id AND s.position = d.position AND d.step_status IS NOT NULL
+            SET status = done.step_status, attempt = done.attempt, output = done.step_output,
+                error = CASE WHEN done.step_status = 'failed' THEN done.error END,
+                started_at = done.step_started_at, finished_at = now()
+            FROM done
+            WHERE s.run_id = done.id AND s.position = done.position
+              AND done.step_status IS NOT NULL
         ), recorded AS (
             INSERT INTO run_events (run_id, tenant_id, attempt, position, kind, data)
-            SELECT e.run_id, done.tenant_id, e.attempt, e.position, e.kind, e.data
+            SELECT e.run_id, s.tenant_id, e.attempt, e.position, e.kind, e.data
             FROM unnest($14::uuid[], $15::int4[], $16::int4[], $17::text[], $18::jsonb[])
-                AS e(run_id, attempt, position, kind, data)
-            JOIN done ON done.id = e.run_id AND done.attempt = e.attempt
+                WITH ORDINALITY AS e(run_id, attempt, position, kind, data, ord)
+            JOIN run_steps s ON s.run_id = e.run_id AND s.position = e.position
+            WHERE e.run_id = ANY(ARRAY(SELECT id FROM done))
+            ORDER BY e.ord
         ), changed AS (
             SELECT done.*, CASE done.status
                 WHEN 'succeeded' THEN 'run.succeeded'
@@ -766,23 +786,23 @@ pub async fn extend_leases(
     let rows = sqlx::query_as!(
         HeldRun,
         r#"
-        WITH held AS (
-            SELECT r.id, r.cancel_requested FROM runs r
-            JOIN unnest($2::uuid[], $3::int4[]) AS i(id, attempt)
-              ON r.id = i.id AND r.attempt = i.attempt
-            WHERE r.locked_by = $1 AND r.status = 'running'
-        ), free AS (
+        WITH free AS (
             -- Rows the completer is writing right now are skipped, not waited
             -- for: the heartbeat never waits on a lock, so it can never be part
             -- of a deadlock, and those runs are about to be finished anyway.
-            SELECT r.id FROM runs r JOIN held h ON h.id = r.id
-            WHERE r.locked_by = $1 AND r.status = 'running'
+            SELECT r.id
+            FROM (SELECT *, $1::uuid AS worker FROM unnest($2::uuid[], $3::int4[])
+                      AS t(id, attempt) OFFSET 0) i
+            JOIN runs r ON r.id = i.id AND r.attempt = i.attempt AND r.locked_by = i.worker
             FOR UPDATE OF r SKIP LOCKED
         ), extended AS (
             UPDATE runs r SET lease_expires_at = now() + $4 * interval '1 millisecond'
-            FROM free WHERE r.id = free.id
+            WHERE r.id = ANY(ARRAY(SELECT id FROM free))
         )
-        SELECT id AS "id!", cancel_requested AS "cancel_requested!" FROM held
+        SELECT r.id AS "id!", r.cancel_requested AS "cancel_requested!"
+        FROM (SELECT *, $1::uuid AS worker FROM unnest($2::uuid[], $3::int4[])
+                  AS t(id, attempt) OFFSET 0) i
+        JOIN runs r ON r.id = i.id AND r.attempt = i.attempt AND r.locked_by = i.worker
         "#,
         worker,
         &ids,
@@ -805,23 +825,19 @@ pub async fn release_many(
     worker: WorkerId,
     leases: &[Lease],
 ) -> Result<Vec<RunId>, DbError> {
-    let ids: Vec<Uuid> = leases.iter().map(|l| l.id).collect();
-    let attempts: Vec<i32> = leases.iter().map(|l| l.attempt).collect();
+    let mut sorted: Vec<Lease> = leases.to_vec();
+    sorted.sort_by_key(|l| l.id);
+    let ids: Vec<Uuid> = sorted.iter().map(|l| l.id).collect();
+    let attempts: Vec<i32> = sorted.iter().map(|l| l.attempt).collect();
     let released = sqlx::query_scalar!(
         r#"
-        WITH locked AS (
-            SELECT r.id FROM runs r
-            JOIN unnest($2::uuid[], $3::int4[]) AS i(id, attempt)
-              ON r.id = i.id AND r.attempt = i.attempt
-            WHERE r.locked_by = $1 AND r.status = 'running'
-            ORDER BY r.id
-            FOR UPDATE OF r
-        ), released AS (
+        WITH released AS (
             UPDATE runs r
             SET status = 'pending', attempt = r.attempt - 1, locked_by = NULL,
                 lease_expires_at = NULL, started_at = NULL, run_at = now()
-            FROM locked
-            WHERE r.id = locked.id AND r.locked_by = $1 AND r.status = 'running'
+            FROM (SELECT *, $1::uuid AS worker FROM unnest($2::uuid[], $3::int4[])
+                      AS t(id, attempt) OFFSET 0) i
+            WHERE r.id = i.id AND r.attempt = i.attempt AND r.locked_by = i.worker
             RETURNING r.*
         ), recorded AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, payload)
