@@ -11,6 +11,8 @@
 
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
+
 use runq_shared::db::runs::{self, Backoff, Checkpoint, CheckpointResult, Completion, StepEvent};
 use runq_shared::db::{is_unavailable, DbError};
 use runq_shared::WorkerId;
@@ -85,9 +87,27 @@ impl Completer {
     }
 
     async fn run(self, mut rx: mpsc::Receiver<Write>, abandon: CancellationToken) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        while rx.recv_many(&mut batch, self.max_batch).await > 0 {
-            self.flush(std::mem::take(&mut batch), &abandon).await;
+        // Flushes in flight at once: while one commits, the next batch is
+        // written on a second connection. Safe because a run's writes never
+        // share a flush window: an executor waits for its checkpoint's answer
+        // before it sends anything else about that run.
+        const IN_FLIGHT: usize = 2;
+        let mut flushing = FuturesUnordered::new();
+        let mut open = true;
+        while open || !flushing.is_empty() {
+            let mut batch = Vec::with_capacity(self.max_batch);
+            tokio::select! {
+                received = rx.recv_many(&mut batch, self.max_batch),
+                    if open && flushing.len() < IN_FLIGHT =>
+                {
+                    if received == 0 {
+                        open = false;
+                    } else {
+                        flushing.push(self.flush(batch, &abandon));
+                    }
+                }
+                Some(()) = flushing.next(), if !flushing.is_empty() => {}
+            }
         }
     }
 

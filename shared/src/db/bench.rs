@@ -93,8 +93,14 @@ pub async fn runs_succeeded_count(conn: &mut PgConnection, queue: &str) -> Resul
 /// Database errors.
 pub async fn runs_unfinished(conn: &mut PgConnection, queue: &str) -> Result<bool, DbError> {
     let unfinished = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'pending' AND queue = $1)
-               OR EXISTS (SELECT 1 FROM runs WHERE status = 'running' AND queue = $1)
+        // Scalar subqueries ordered as the indexes are: a plan made when every
+        // run was pending expects a match on the first page, so an EXISTS
+        // (which drops ORDER BY and LIMIT) scans the table from the start,
+        // past every run already drained.
+        r#"SELECT (SELECT true FROM runs WHERE status = 'pending' AND queue = $1
+                   ORDER BY queue, priority DESC, run_at, id LIMIT 1) IS NOT NULL
+               OR (SELECT true FROM runs WHERE status = 'running' AND queue = $1
+                   ORDER BY lease_expires_at LIMIT 1) IS NOT NULL
                AS "unfinished!""#,
         queue,
     )

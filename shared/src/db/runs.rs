@@ -340,7 +340,9 @@ pub async fn claim(
         SELECT c.id AS "id!", c.tenant_id AS "tenant_id!", c.queue AS "queue!",
                c.attempt AS "attempt!", c.max_attempts AS "max_attempts!", c.timeout_seconds,
                c.metadata AS "metadata!", c.started_at AS "started_at!",
-               (SELECT jsonb_agg(jsonb_build_object(
+               -- json, not jsonb: it is only sent to the worker, and building
+               -- binary jsonb for every claimed run cost a tenth of the claim.
+               (SELECT json_agg(json_build_object(
                     'position', s.position, 'name', s.name, 'kind', s.kind, 'input', s.input,
                     'timeout_seconds', s.timeout_seconds, 'status', s.status,
                     'output', s.output) ORDER BY s.position)
