@@ -262,7 +262,7 @@ async fn dev(database: DatabaseArgs, api: ApiConfig, worker: WorkerConfig) -> an
 }
 
 /// The URL without its password, for printing.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));

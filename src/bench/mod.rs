@@ -131,7 +131,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .context("finding a database")?;
     progress.note(format_args!(
         "database: {} ({})",
-        redact(&picked.url),
+        crate::redact(&picked.url),
         picked.source
     ));
 
@@ -293,17 +293,6 @@ fn per_second(jobs: u64, elapsed: Duration) -> u64 {
         (jobs as f64 / seconds).round() as u64
     } else {
         0
-    }
-}
-
-/// The URL without its password, for printing.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
     }
 }
 

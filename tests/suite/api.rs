@@ -506,34 +506,18 @@ async fn auth_is_required_and_tenants_are_isolated() {
             .bearer_auth(&f.other_token)
             .send()
     };
-    problem(
-        foreign(reqwest::Method::GET, format!("/v1/runs/{}", run.id))
-            .await
-            .expect("send"),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    problem(
-        foreign(reqwest::Method::GET, format!("/v1/runs/{}/events", run.id))
-            .await
-            .expect("send"),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    problem(
-        foreign(reqwest::Method::POST, format!("/v1/runs/{}/cancel", run.id))
-            .await
-            .expect("send"),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    problem(
-        foreign(reqwest::Method::POST, format!("/v1/runs/{}/retry", run.id))
-            .await
-            .expect("send"),
-        StatusCode::NOT_FOUND,
-    )
-    .await;
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/v1/runs/{}", run.id)),
+        (reqwest::Method::GET, format!("/v1/runs/{}/events", run.id)),
+        (reqwest::Method::POST, format!("/v1/runs/{}/cancel", run.id)),
+        (reqwest::Method::POST, format!("/v1/runs/{}/retry", run.id)),
+    ] {
+        problem(
+            foreign(method, path).await.expect("send"),
+            StatusCode::NOT_FOUND,
+        )
+        .await;
+    }
     let listed: RunPage = foreign(reqwest::Method::GET, "/v1/runs".into())
         .await
         .expect("send")
