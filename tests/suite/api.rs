@@ -729,3 +729,46 @@ async fn dead_letters_are_listed_and_revived_in_bulk() {
     )
     .await;
 }
+
+/// With every pooled connection taken, a request waits at most the pool's
+/// acquire timeout, then gets a 503 problem with Retry-After, and inserts
+/// nothing; once a connection is free again the same request succeeds.
+#[tokio::test]
+async fn exhausted_pool_answers_503_quickly_and_inserts_nothing() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let token = token(&db, tenant).await;
+    let pool =
+        runq_shared::db::pool(&db.url, 1, std::time::Duration::from_millis(300)).expect("pool");
+    let api = TestApi::start(pool.clone(), TestApi::config());
+    let client = Client::new();
+    let create = || {
+        client
+            .post(format!("{}/v1/runs", api.base))
+            .bearer_auth(&token)
+            .json(&run_body())
+            .send()
+    };
+
+    let held = pool.acquire().await.expect("the only connection");
+    let asked = std::time::Instant::now();
+    let response = create().await.expect("send");
+    let waited = asked.elapsed();
+    assert!(
+        response.headers().contains_key("retry-after"),
+        "503 carries Retry-After"
+    );
+    problem(response, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(
+        waited < std::time::Duration::from_secs(3),
+        "answered after {waited:?}, not held until a connection frees up"
+    );
+    let runs: i64 = db.scalar("SELECT count(*) FROM runs").await;
+    assert_eq!(runs, 0, "the refused request inserted nothing");
+
+    drop(held);
+    let response = create().await.expect("send");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let runs: i64 = db.scalar("SELECT count(*) FROM runs").await;
+    assert_eq!(runs, 1);
+}
