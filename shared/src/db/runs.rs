@@ -328,6 +328,9 @@ pub async fn claim(
             UPDATE runs r
             SET status = 'running', attempt = r.attempt + 1, locked_by = $3,
                 started_at = now(), lease_expires_at = now() + $4 * interval '1 millisecond'
+            -- Through the primary key. Joined as `FROM next`, the CTE may be
+            -- hashed against a scan of all runs; the rescuer and bulk retry
+            -- update their locked rows the same way.
             WHERE r.id = ANY(ARRAY(SELECT id FROM next))
             RETURNING r.*
         ), started AS (
@@ -911,7 +914,7 @@ pub async fn rescue_expired(
                     'message', format('the lease of worker %s expired at %s',
                                       r.locked_by, r.lease_expires_at)),
                 locked_by = NULL, lease_expires_at = NULL
-            FROM expired WHERE r.id = expired.id
+            WHERE r.id = ANY(ARRAY(SELECT id FROM expired))
             RETURNING r.*
         ), recorded AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, payload)
@@ -1161,7 +1164,7 @@ pub async fn retry_many(
         ), requeued AS (
             UPDATE runs r SET status = 'pending', attempt = 0, run_at = now(), error = NULL,
                 result = NULL, finished_at = NULL, started_at = NULL, cancel_requested = false
-            FROM target WHERE r.id = target.id
+            WHERE r.id = ANY(ARRAY(SELECT id FROM target))
             RETURNING r.*
         ), recorded AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, payload)
