@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use criterion::{black_box, Bencher, BenchmarkId, Criterion, Throughput};
-use runq_shared::db::runs::{self, Backoff, ClaimedRun, Completion, Lease, Outcome};
+use runq_shared::db::runs;
+use runq_shared::protocol::{Backoff, ClaimedRun, Completion, Outcome};
 use runq_shared::db::{self, tenants};
 use runq_shared::postgres::{pick_database, PickedDatabase};
 use runq_shared::{
@@ -241,7 +242,7 @@ fn complete_many(criterion: &mut Criterion, runtime: &Runtime, bench: &Bench) {
                             .collect();
                         let start = Instant::now();
                         let written =
-                            runs::complete_many(&mut conn, worker, &completions, &[], BACKOFF)
+                            runs::complete_many(&mut conn, &completions, &[], BACKOFF)
                                 .await
                                 .expect("the completion statement runs");
                         elapsed += start.elapsed();
@@ -263,10 +264,7 @@ fn echo_succeeded(run: ClaimedRun) -> Completion {
         .next_back()
         .expect("an echo run has one step");
     Completion {
-        lease: Lease {
-            id: run.id,
-            attempt: run.attempt,
-        },
+        lease: run.lease,
         outcome: Outcome::Succeeded {
             position: step.position,
             output: step.input,

@@ -124,6 +124,7 @@ impl From<DbError> for ApiError {
             }
             DbError::WrongStatus { .. } => ApiError::Conflict(err.to_string()),
             DbError::Invalid(invalid) => ApiError::Unprocessable(invalid.0),
+            DbError::IdempotencyMismatch(_) => ApiError::Unprocessable(err.to_string()),
             err if err.is_unavailable() => {
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::Unavailable

@@ -87,6 +87,11 @@ pub struct WorkerConfig {
     /// `duration_cap`). Fractions are allowed.
     #[arg(long, env = "MAX_RUN_DURATION_MINUTES", default_value_t = 15.0)]
     pub max_run_duration_minutes: f64,
+    /// Most bytes a step's output (and, separately, its events together, and
+    /// an `http` step's reply body) may take; past it the step fails with
+    /// reason `output_too_large`.
+    #[arg(long, env = "RUNQ_MAX_OUTPUT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_output_bytes: usize,
     /// Most outcomes written by one completer transaction.
     #[arg(long, env = "RUNQ_COMPLETE_BATCH", default_value_t = 1_000)]
     pub complete_batch: usize,
@@ -107,6 +112,7 @@ impl Default for WorkerConfig {
             maintenance_ms: 1_000,
             complete_batch: 1_000,
             max_run_duration_minutes: 15.0,
+            max_output_bytes: 1024 * 1024,
         }
     }
 }

@@ -4,6 +4,8 @@
 //!   events, the step envelope), each one serde type also described in OpenAPI.
 //! - [`db`]: every SQL statement runq runs, one module per table family. Each
 //!   function takes `&mut PgConnection` so the caller owns the transaction.
+//! - [`protocol`]: what a worker claims and hands back (leases, outcomes).
+//! - [`storable`]: whether a JSON value can be stored in `jsonb`.
 //! - [`config`]: clap-derived settings shared by the `runq` subcommands.
 //! - [`postgres`]: finding or starting a Postgres server without configuration.
 #![warn(missing_docs)]
@@ -12,6 +14,8 @@ pub mod config;
 pub mod db;
 pub mod model;
 pub mod postgres;
+pub mod protocol;
+pub mod storable;
 
 pub use db::runs::{enqueue, enqueue_many};
 pub use db::DbError;

@@ -223,6 +223,7 @@ impl CreateRun {
             if !metadata.is_object() {
                 return Err(InvalidRun("metadata must be a JSON object".to_owned()));
             }
+            crate::storable::check("metadata", metadata).map_err(InvalidRun::from)?;
         }
         if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
             return Err(InvalidRun(format!(
@@ -244,6 +245,9 @@ impl NewStep {
                 "steps[{position}].name must be 1 to {MAX_NAME_LEN} bytes"
             )));
         }
+        crate::storable::check_text(&format!("steps[{position}].name"), &self.name)?;
+        crate::storable::check_text(&format!("steps[{position}].kind"), &self.kind)?;
+        crate::storable::check(&format!("steps[{position}].input"), &self.input)?;
         let kind = self.kind.as_str();
         if kind.is_empty() || kind.len() > MAX_NAME_LEN {
             return Err(InvalidRun(format!(
@@ -317,6 +321,12 @@ fn truncate(value: &str) -> &str {
 #[error("{0}")]
 pub struct InvalidRun(pub String);
 
+impl From<crate::storable::Unstorable> for InvalidRun {
+    fn from(err: crate::storable::Unstorable) -> Self {
+        InvalidRun(err.to_string())
+    }
+}
+
 /// A run to insert through [`crate::db::runs::enqueue`]: the API body plus who
 /// owns it and its optional idempotency key.
 #[derive(Debug, Clone)]
@@ -330,6 +340,37 @@ pub struct NewRun {
 }
 
 impl NewRun {
+    /// Checks the run as [`CreateRun::validate`] does (any step kind), and the
+    /// idempotency key.
+    ///
+    /// # Errors
+    ///
+    /// The first problem found, naming the field.
+    pub fn validate(&self) -> Result<(), InvalidRun> {
+        if let Some(key) = &self.idempotency_key {
+            if key.is_empty() || key.len() > MAX_NAME_LEN {
+                return Err(InvalidRun(format!(
+                    "idempotency key must be 1 to {MAX_NAME_LEN} bytes, got {}",
+                    key.len()
+                )));
+            }
+            crate::storable::check_text("idempotency key", key)?;
+        }
+        self.run.validate(None)
+    }
+
+    /// A digest of the request (everything but the owner and the key), kept
+    /// with a keyed run so a repeated key with a different request is told
+    /// apart from a retry of the same one. Defaults are filled in first, so
+    /// omitting a field and sending its default are the same request; object
+    /// keys are sorted (serde_json without `preserve_order`), so their order
+    /// does not matter.
+    pub fn request_digest(&self) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let body = serde_json::to_vec(&self.run).unwrap_or_default();
+        Sha256::digest(body).to_vec()
+    }
+
     /// A run of `steps` for `tenant_id` with default settings.
     pub fn new(tenant_id: TenantId, steps: Vec<NewStep>) -> Self {
         Self {
@@ -354,6 +395,23 @@ pub struct RunError {
     pub position: Option<i32>,
 }
 
+impl RunError {
+    /// An error of `reason` with `message`, made storable: `\u0000`, which
+    /// Postgres cannot store, becomes U+FFFD, so a handler's message can never
+    /// sink the batch its outcome is written in.
+    pub fn new(reason: ErrorReason, message: impl Into<String>, position: Option<i32>) -> Self {
+        let mut message = message.into();
+        if message.contains('\0') {
+            message = message.replace('\0', "\u{FFFD}");
+        }
+        Self {
+            reason,
+            message,
+            position,
+        }
+    }
+}
+
 /// Machine-readable causes of a failure.
 #[derive(Enum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -371,6 +429,35 @@ pub enum ErrorReason {
     DurationCap,
     /// A client cancelled the run.
     Cancelled,
+    /// A step's output or events cannot be stored (`\u0000` in a string, or
+    /// nesting too deep); the message names where.
+    OutputUnstorable,
+    /// A step's output, events or `http` reply exceed the worker's size cap.
+    OutputTooLarge,
+    /// The database refused this run's write alone; the message is its reason.
+    WriteRefused,
+    /// The worker's executor crashed while running the attempt.
+    ExecutorPanicked,
+}
+
+/// One attempt that ended without success, in a run's history (`errors`).
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct AttemptError {
+    /// The attempt (counting from 1 again after a client's retry).
+    pub attempt: i32,
+    /// When it ended (database clock).
+    pub at: DateTime<Utc>,
+    /// Machine-readable cause.
+    pub reason: ErrorReason,
+    /// What happened, for people.
+    pub message: String,
+    /// The step that failed, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
+    pub position: Option<i32>,
+    /// The worker that held the run (none for a run cancelled while pending).
+    #[serde(default)]
+    pub worker_id: Option<WorkerId>,
 }
 
 /// A run as the API returns it.
@@ -406,9 +493,15 @@ pub struct Run {
     pub result: Option<Value>,
     /// Why the latest attempt failed or stopped.
     pub error: Option<Value>,
+    /// Every attempt that ended without success, oldest first (kept across
+    /// retries).
+    pub errors: Vec<AttemptError>,
     /// When the run was accepted.
     pub created_at: DateTime<Utc>,
-    /// When the latest attempt was claimed.
+    /// When the latest attempt was claimed: its lease began. A worker may hold
+    /// a claimed run in its bounded prefetch buffer before its first step
+    /// starts (each step's own `started_at` says when it ran); the run's
+    /// duration cap counts from when execution starts, not from here.
     pub started_at: Option<DateTime<Utc>>,
     /// When the run reached a terminal status.
     pub finished_at: Option<DateTime<Utc>>,

@@ -25,7 +25,7 @@ async fn race(db: &TestDb, workers: usize, limit: usize) -> Vec<(uuid::Uuid, Vec
             let claimed = worker.claim(limit).await.expect("claim");
             (
                 worker.id(),
-                claimed.into_iter().map(|run| run.id).collect::<Vec<_>>(),
+                claimed.into_iter().map(|run| run.id()).collect::<Vec<_>>(),
             )
         }));
     }
@@ -138,7 +138,7 @@ async fn claims_oldest_first_and_higher_priority_first() {
     for _ in 0..5 {
         let claimed = worker.claim(1).await.expect("claim");
         assert_eq!(claimed.len(), 1);
-        order.push(claimed[0].id);
+        order.push(claimed[0].id());
     }
     let mut expected = vec![urgent];
     expected.extend(ids);
@@ -164,7 +164,7 @@ async fn batch_claim_returns_runs_in_fifo_order() {
         .await
         .expect("claim")
         .into_iter()
-        .map(|r| r.id)
+        .map(|r| r.id())
         .collect();
 
     assert_eq!(claimed, runs.iter().map(|r| r.id).collect::<Vec<_>>());
@@ -186,5 +186,5 @@ async fn delayed_run_is_not_claimed_before_run_at() {
         .execute(&db.pool)
         .await
         .expect("move time");
-    assert_eq!(worker.claim(1).await.expect("claim")[0].id, run.id);
+    assert_eq!(worker.claim(1).await.expect("claim")[0].id(), run.id);
 }

@@ -2,7 +2,8 @@
 //! is one shared type whose serde form, OpenAPI form and database form agree.
 
 use poem_openapi::types::{ParseFromJSON, ToJSON};
-use runq_shared::db::runs::{self, Backoff, Completion, Lease, Outcome};
+use runq_shared::db::runs;
+use runq_shared::protocol::{Backoff, Completion, FailedStep, Outcome};
 use runq_shared::{
     CreateRun, ErrorReason, EventType, NewStep, OutboxEvent, Problem, Run, RunDetail, RunError,
     RunSnapshot, RunStatus, Step, StepInput, StepStatus,
@@ -104,6 +105,14 @@ fn sample_run() -> Run {
         cancel_requested: true,
         result: None,
         error: Some(json!({ "reason": "duration_cap", "message": "m" })),
+        errors: vec![runq_shared::AttemptError {
+            attempt: 1,
+            at: now,
+            reason: ErrorReason::LeaseExpired,
+            message: "the lease expired".into(),
+            position: None,
+            worker_id: Some(uuid::Uuid::now_v7()),
+        }],
         created_at: now,
         started_at: Some(now),
         finished_at: None,
@@ -185,7 +194,14 @@ async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
     let runs = db
         .enqueue(
             tenant,
-            (0..5).map(|i| echo_run(json!({ "i": i }))).collect(),
+            (0..5)
+                .map(|i| {
+                    let mut run = echo_run(json!({ "i": i }));
+                    // Run 2's failure uses its last attempt: `run.failed`.
+                    run.max_attempts = if i == 2 { 1 } else { 3 };
+                    run
+                })
+                .collect(),
         )
         .await;
     let worker = uuid::Uuid::now_v7();
@@ -209,14 +225,13 @@ async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
     let claimed = runs::claim(&mut conn, worker, &queues, 5, 30_000)
         .await
         .expect("claim");
-    let lease = |i: usize| Lease {
-        id: claimed[i].id,
-        attempt: claimed[i].attempt,
-    };
-    let failure = RunError {
-        reason: ErrorReason::StepFailed,
-        message: "no".into(),
-        position: Some(0),
+    let lease = |i: usize| claimed[i].lease;
+    let failure = RunError::new(ErrorReason::StepFailed, "no", Some(0));
+    let failed_step = || {
+        Some(FailedStep {
+            position: 0,
+            started_at: chrono::Utc::now(),
+        })
     };
     let completions = vec![
         Completion {
@@ -229,37 +244,29 @@ async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
         },
         Completion {
             lease: lease(1),
-            outcome: Outcome::StepFailed {
-                position: 0,
+            outcome: Outcome::Failed {
+                step: failed_step(),
                 error: failure.clone(),
-                started_at: chrono::Utc::now(),
-                max_attempts: 3,
             },
         },
         Completion {
             lease: lease(2),
-            outcome: Outcome::StepFailed {
-                position: 0,
+            outcome: Outcome::Failed {
+                step: failed_step(),
                 error: failure,
-                started_at: chrono::Utc::now(),
-                max_attempts: 1,
             },
         },
         Completion {
             lease: lease(3),
             outcome: Outcome::Stopped {
-                error: RunError {
-                    reason: ErrorReason::DurationCap,
-                    message: "cap".into(),
-                    position: None,
-                },
+                error: RunError::new(ErrorReason::DurationCap, "cap", None),
             },
         },
     ];
-    runs::complete_many(&mut conn, worker, &completions, &[], backoff)
+    runs::complete_many(&mut conn, &completions, &[], backoff)
         .await
         .expect("complete");
-    runs::release_many(&mut conn, worker, &[lease(4)])
+    runs::release_many(&mut conn, &[lease(4)])
         .await
         .expect("release");
     // Rescue: claim again, expire, rescue (retrying).

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use runq_shared::db::outbox;
-use runq_shared::db::runs::{self, Backoff, Completion, Lease, Outcome};
+use runq_shared::db::runs;
+use runq_shared::protocol::{Backoff, Checkpoint, CheckpointResult, Completion, Outcome};
 use runq_shared::{CreateRun, EventType, NewStep, RunStatus};
 use runq_worker::maintenance::Rescuer;
 use runq_worker::Worker;
@@ -331,22 +332,19 @@ async fn stale_worker_cannot_overwrite_new_owner() {
         .await
         .expect("claim")
         .remove(0);
-    assert_eq!(second.attempt, 2);
+    assert_eq!(second.lease.attempt, 2);
 
-    let stale_lease = Lease {
-        id: run.id,
-        attempt: first.attempt,
-    };
-    let checkpoint = runs::Checkpoint {
+    let stale_lease = first.lease;
+    let checkpoint = Checkpoint {
         lease: stale_lease,
         position: 0,
         output: json!({ "from": "stale" }),
         started_at: chrono::Utc::now(),
     };
-    let refused = runs::checkpoint_many(&mut conn, stale, &[checkpoint], &[])
+    let refused = runs::checkpoint_many(&mut conn, &[checkpoint], &[])
         .await
         .expect("checkpoint");
-    assert_eq!(refused, vec![runs::CheckpointResult::LeaseLost]);
+    assert_eq!(refused, vec![CheckpointResult::LeaseLost]);
     let finish = |lease, who: &str| Completion {
         lease,
         outcome: Outcome::Succeeded {
@@ -355,24 +353,13 @@ async fn stale_worker_cannot_overwrite_new_owner() {
             started_at: chrono::Utc::now(),
         },
     };
-    let written = runs::complete_many(
-        &mut conn,
-        stale,
-        &[finish(stale_lease, "stale")],
-        &[],
-        backoff,
-    )
-    .await
-    .expect("complete");
+    let written = runs::complete_many(&mut conn, &[finish(stale_lease, "stale")], &[], backoff)
+        .await
+        .expect("complete");
     assert!(written.is_empty(), "the stale completion is refused");
-    let fresh_lease = Lease {
-        id: run.id,
-        attempt: second.attempt,
-    };
     let written = runs::complete_many(
         &mut conn,
-        fresh,
-        &[finish(fresh_lease, "fresh")],
+        &[finish(second.lease, "fresh")],
         &[],
         backoff,
     )
@@ -391,6 +378,85 @@ async fn stale_worker_cannot_overwrite_new_owner() {
         .filter(|t| *t == EventType::Succeeded)
         .count();
     assert_eq!(terminal, 1, "one terminal outbox row, the new owner's");
+}
+
+/// Invariant 1 (a fence that never repeats): a retry resets `attempt` to 0,
+/// so after a client's retry the same worker's new claim has the same
+/// `(locked_by, attempt)` as its claim of the run's earlier life. A write
+/// still in flight from that earlier life must not land in the new one.
+#[tokio::test]
+async fn write_from_a_runs_earlier_life_is_refused_after_a_retry() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let mut one_attempt = echo_run(json!({}));
+    one_attempt.max_attempts = 1;
+    let run = db.enqueue(tenant, vec![one_attempt]).await.remove(0);
+    let backoff = Backoff {
+        base_ms: 0.0,
+        max_ms: 0.0,
+    };
+    let worker = uuid::Uuid::now_v7();
+    let queues = vec!["default".to_owned()];
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let earlier = runs::claim(&mut conn, worker, &queues, 1, 30_000)
+        .await
+        .expect("claim")
+        .remove(0);
+    // The worker stalls; its lease expires and the run fails (one attempt).
+    db.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second'")
+        .await;
+    let report = Rescuer::new(db.pool.clone(), backoff, 60_000)
+        .run_once()
+        .await
+        .expect("rescue");
+    assert_eq!(report.failed, 1);
+    let mut tx = db.pool.begin().await.expect("begin");
+    runs::retry(&mut tx, tenant, run.id).await.expect("retry");
+    tx.commit().await.expect("commit");
+    let later = runs::claim(&mut conn, worker, &queues, 1, 30_000)
+        .await
+        .expect("claim")
+        .remove(0);
+    assert_eq!(
+        later.lease.attempt, earlier.lease.attempt,
+        "the user-visible attempt repeats after a retry"
+    );
+    assert!(later.lease.token > earlier.lease.token, "the fence does not");
+
+    let late = Completion {
+        lease: earlier.lease,
+        outcome: Outcome::Succeeded {
+            position: 0,
+            output: json!({ "from": "earlier life" }),
+            started_at: chrono::Utc::now(),
+        },
+    };
+    let written = runs::complete_many(&mut conn, &[late], &[], backoff)
+        .await
+        .expect("complete");
+    assert!(written.is_empty(), "the earlier life's write is refused");
+    let checkpoint = Checkpoint {
+        lease: earlier.lease,
+        position: 0,
+        output: json!({ "from": "earlier life" }),
+        started_at: chrono::Utc::now(),
+    };
+    let refused = runs::checkpoint_many(&mut conn, &[checkpoint], &[])
+        .await
+        .expect("checkpoint");
+    assert_eq!(refused, vec![CheckpointResult::LeaseLost]);
+    let held = runs::extend_leases(&mut conn, &[earlier.lease], 30_000)
+        .await
+        .expect("heartbeat");
+    assert!(held.is_empty(), "nor can it extend the new life's lease");
+    drop(conn);
+
+    let (run, _) = detail(&db, run.id).await;
+    assert_eq!(run.status, RunStatus::Running);
+    assert_eq!(run.result, None);
+    assert_eq!(run.errors.len(), 1, "the earlier life's expiry is in the history");
+    assert_eq!(run.errors[0].reason, runq_shared::ErrorReason::LeaseExpired);
+    assert_eq!(run.errors[0].worker_id, Some(worker));
 }
 
 /// Invariant 3 (state and outbox together): a run enqueued in a transaction
@@ -418,7 +484,8 @@ async fn enqueue_commits_run_and_outbox_row_together() {
 }
 
 /// `enqueue_many` inserts every run with its steps and its `run.created` row,
-/// in input order, and a repeated idempotency key returns the first run.
+/// in input order; a repeated idempotency key with the same request returns
+/// the first run, and with a different request is refused.
 #[tokio::test]
 async fn enqueue_many_is_complete_and_idempotent() {
     let db = TestDb::new().await;
@@ -443,14 +510,26 @@ async fn enqueue_many_is_complete_and_idempotent() {
     assert_eq!(first.len(), 300);
     assert!(first.iter().all(|e| e.created));
 
-    let mut again = runq_shared::NewRun::new(tenant, vec![NewStep::new("e", "echo", json!({}))]);
+    let mut again = runq_shared::NewRun::new(
+        tenant,
+        vec![
+            NewStep::new("e", "echo", json!({ "i": 7 })),
+            NewStep::new("f", "echo", json!({})),
+        ],
+    );
     again.idempotency_key = Some("order-7".into());
     let mut conn = db.pool.acquire().await.expect("connection");
-    let repeated = runq_shared::enqueue(&mut conn, again)
+    let repeated = runq_shared::enqueue(&mut conn, again.clone())
         .await
         .expect("enqueue");
     assert!(!repeated.created);
     assert_eq!(repeated.run.id, first[7].run.id);
+    again.run.steps[0].input = json!({ "i": 8 });
+    let refused = runq_shared::enqueue(&mut conn, again).await;
+    assert!(
+        matches!(&refused, Err(runq_shared::DbError::IdempotencyMismatch(key)) if key == "order-7"),
+        "a different request under a used key is refused: {refused:?}"
+    );
     drop(conn);
 
     assert_eq!(db.scalar::<i64>("SELECT count(*) FROM runs").await, 300);

@@ -4,18 +4,27 @@
 //! writes it with one statement per kind in one transaction, so the commit rate
 //! of Postgres, not the number of runs, bounds throughput (DESIGN.md,
 //! Performance). Batches form by themselves: while one flush is in flight the
-//! next one queues up. Every write is fenced on the worker's lease.
+//! next one queues up. Every write is fenced on its lease token.
 //!
+//! A batch the database refuses for a reason other than being unreachable
+//! (bad data that slipped past the executor's checks, a constraint) is split
+//! in halves and each half written again, down to the one write that fails;
+//! that run's attempt is recorded as failed with the database's reason
+//! (`write_refused`) and every other run of the batch commits (invariant 7).
 //! A crash before a flush loses no run: the lease expires and the rescuer
 //! hands the run on.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-
-use runq_shared::db::runs::{self, Backoff, Checkpoint, CheckpointResult, Completion, StepEvent};
+use runq_shared::db::runs;
 use runq_shared::db::{is_unavailable, DbError};
-use runq_shared::WorkerId;
+use runq_shared::protocol::{
+    Backoff, Checkpoint, CheckpointResult, Completion, FailedStep, Outcome, StepEvent,
+};
+use runq_shared::{ErrorReason, RunError, RunId};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +48,14 @@ pub(crate) enum Write {
     },
 }
 
+/// What became of one write.
+#[derive(Debug, Clone)]
+enum Written {
+    Checkpoint(CheckpointResult),
+    /// `true`: written; `false`: the lease was gone and nothing was written.
+    Completed(bool),
+}
+
 /// Sends writes to the completer.
 #[derive(Clone)]
 pub(crate) struct CompleterHandle(mpsc::Sender<Write>);
@@ -52,23 +69,17 @@ impl CompleterHandle {
 
 pub(crate) struct Completer {
     pool: PgPool,
-    worker: WorkerId,
     leases: Leases,
     backoff: Backoff,
     max_batch: usize,
 }
 
+type Persisting<'a> = Pin<Box<dyn Future<Output = Vec<Option<Written>>> + Send + 'a>>;
+
 impl Completer {
-    pub(crate) fn new(
-        pool: PgPool,
-        worker: WorkerId,
-        leases: Leases,
-        backoff: Backoff,
-        max_batch: usize,
-    ) -> Self {
+    pub(crate) fn new(pool: PgPool, leases: Leases, backoff: Backoff, max_batch: usize) -> Self {
         Self {
             pool,
-            worker,
             leases,
             backoff,
             max_batch: max_batch.max(1),
@@ -81,7 +92,7 @@ impl Completer {
     pub(crate) fn start(
         self,
         abandon: CancellationToken,
-    ) -> (CompleterHandle, impl std::future::Future<Output = ()>) {
+    ) -> (CompleterHandle, impl Future<Output = ()>) {
         let (tx, rx) = mpsc::channel(self.max_batch * 4);
         (CompleterHandle(tx), self.run(rx, abandon))
     }
@@ -112,126 +123,213 @@ impl Completer {
     }
 
     async fn flush(&self, batch: Vec<Write>, abandon: &CancellationToken) {
-        let mut checkpoints = Vec::new();
-        let mut checkpoint_events = Vec::new();
-        let mut answers = Vec::new();
-        let mut completions = Vec::new();
-        let mut completion_events = Vec::new();
-        for write in batch {
+        let results = self.persist(&batch, abandon).await;
+        let mut refused = 0;
+        for (write, result) in batch.into_iter().zip(results) {
             match write {
                 Write::Checkpoint {
-                    checkpoint,
-                    events,
-                    answer,
+                    checkpoint, answer, ..
                 } => {
-                    checkpoints.push(checkpoint);
-                    checkpoint_events.extend(events);
-                    answers.push(answer);
+                    let result = match result {
+                        Some(Written::Checkpoint(result)) => result,
+                        _ => CheckpointResult::LeaseLost,
+                    };
+                    if result == CheckpointResult::LeaseLost {
+                        self.leases.remove(checkpoint.lease);
+                    }
+                    // The executor may have been cancelled meanwhile; nobody to tell.
+                    let _ = answer.send(result);
                 }
-                Write::Complete { completion, events } => {
-                    completions.push(completion);
-                    completion_events.extend(events);
+                Write::Complete { completion, .. } => {
+                    if matches!(result, Some(Written::Completed(false))) {
+                        refused += 1;
+                    }
+                    // Written, refused or given up: either way this worker is
+                    // done with the run (a given-up run's lease expires and
+                    // the rescuer hands it on).
+                    self.leases.remove(completion.lease);
                 }
             }
         }
+        if refused > 0 {
+            tracing::warn!(
+                refused,
+                "lease lost: completions refused, their runs belong to another worker now"
+            );
+        }
+    }
+
+    /// Writes `writes`, splitting the batch around writes the database
+    /// refuses. One result per write, in order; `None`: given up while the
+    /// database stayed unreachable.
+    fn persist<'a>(&'a self, writes: &'a [Write], abandon: &'a CancellationToken) -> Persisting<'a> {
+        Box::pin(async move {
+            let err = match self.write_retrying(writes, abandon).await {
+                Ok(results) => return results.into_iter().map(Some).collect(),
+                Err(err) => err,
+            };
+            if retryable(&err) {
+                tracing::error!(error = %err, runs = writes.len(),
+                    "completer gave up on a batch: the database stayed unreachable");
+                return vec![None; writes.len()];
+            }
+            if writes.len() > 1 {
+                tracing::warn!(error = %err, runs = writes.len(),
+                    "the database refused a batch; splitting it to find the bad write");
+                let (left, right) = writes.split_at(writes.len() / 2);
+                let mut results = self.persist(left, abandon).await;
+                results.extend(self.persist(right, abandon).await);
+                return results;
+            }
+            vec![self.refuse(&writes[0], &err, abandon).await]
+        })
+    }
+
+    /// Records that the database refused `write` alone: a checkpoint is
+    /// answered `Refused` (its executor fails the attempt), a completion is
+    /// replaced by a failed attempt carrying the database's reason.
+    async fn refuse(
+        &self,
+        write: &Write,
+        err: &DbError,
+        abandon: &CancellationToken,
+    ) -> Option<Written> {
+        let reason = err.to_string();
+        let (lease, step) = match write {
+            Write::Checkpoint { checkpoint, .. } => {
+                tracing::error!(run.id = %checkpoint.lease.id, error = %reason,
+                    "the database refused a checkpoint");
+                return Some(Written::Checkpoint(CheckpointResult::Refused(reason)));
+            }
+            Write::Complete { completion, .. } => {
+                let step = match &completion.outcome {
+                    Outcome::Succeeded {
+                        position,
+                        started_at,
+                        ..
+                    } => Some(FailedStep {
+                        position: *position,
+                        started_at: *started_at,
+                    }),
+                    Outcome::Failed { step, .. } => step.clone(),
+                    Outcome::Stopped { .. } | Outcome::Cancelled => None,
+                };
+                (completion.lease, step)
+            }
+        };
+        tracing::error!(run.id = %lease.id, error = %reason,
+            "the database refused an outcome; recording the attempt as failed");
+        let position = step.as_ref().map(|s| s.position);
+        let replacement = Write::Complete {
+            completion: Completion {
+                lease,
+                outcome: Outcome::Failed {
+                    step,
+                    error: RunError::new(
+                        ErrorReason::WriteRefused,
+                        format!("the database refused this attempt's outcome: {reason}"),
+                        position,
+                    ),
+                },
+            },
+            events: Vec::new(),
+        };
+        match self
+            .write_retrying(std::slice::from_ref(&replacement), abandon)
+            .await
+        {
+            Ok(mut results) => results.pop(),
+            Err(err) => {
+                tracing::error!(run.id = %lease.id, error = %err,
+                    "could not record the refused outcome; the lease will expire");
+                None
+            }
+        }
+    }
+
+    /// Writes `writes` in one transaction, retrying while the database is
+    /// unreachable (until `abandon`) or the transaction lost a deadlock.
+    async fn write_retrying(
+        &self,
+        writes: &[Write],
+        abandon: &CancellationToken,
+    ) -> Result<Vec<Written>, DbError> {
         let mut delay = Duration::from_millis(50);
-        let results = loop {
-            match self
-                .write(
-                    &checkpoints,
-                    &checkpoint_events,
-                    &completions,
-                    &completion_events,
-                )
-                .await
-            {
-                Ok(results) => break Some(results),
+        loop {
+            match self.write(writes).await {
+                Ok(results) => return Ok(results),
                 Err(err) if retryable(&err) && !abandon.is_cancelled() => {
                     tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
-                        runs = completions.len() + checkpoints.len(), "completer write failed");
+                        runs = writes.len(), "completer write failed");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = abandon.cancelled() => {}
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(err) => {
-                    // The leases expire and the rescuer hands these runs on.
-                    tracing::error!(error = %err, runs = completions.len() + checkpoints.len(),
-                        "completer gave up on a batch");
-                    break None;
-                }
+                Err(err) => return Err(err),
             }
-        };
-        let checkpoint_results = results.as_ref().map(|(c, _)| c.as_slice()).unwrap_or(&[]);
-        for (index, answer) in answers.into_iter().enumerate() {
-            let result = checkpoint_results
-                .get(index)
-                .copied()
-                .unwrap_or(CheckpointResult::LeaseLost);
-            if result == CheckpointResult::LeaseLost {
-                self.leases.remove(checkpoints[index].lease);
-            }
-            // The executor may have been cancelled meanwhile; nobody to tell.
-            let _ = answer.send(result);
-        }
-        if let Some((_, written)) = &results {
-            if written.len() < completions.len() {
-                tracing::warn!(
-                    refused = completions.len() - written.len(),
-                    "lease lost: completions refused, their runs belong to another worker now"
-                );
-            }
-        }
-        for completion in &completions {
-            self.leases.remove(completion.lease);
         }
     }
 
-    async fn write(
-        &self,
-        checkpoints: &[Checkpoint],
-        checkpoint_events: &[StepEvent],
-        completions: &[Completion],
-        completion_events: &[StepEvent],
-    ) -> Result<(Vec<CheckpointResult>, Vec<runq_shared::RunId>), DbError> {
+    async fn write(&self, writes: &[Write]) -> Result<Vec<Written>, DbError> {
+        let mut checkpoints = Vec::new();
+        let mut checkpoint_events = Vec::new();
+        let mut completions = Vec::new();
+        let mut completion_events = Vec::new();
+        for write in writes {
+            match write {
+                Write::Checkpoint {
+                    checkpoint, events, ..
+                } => {
+                    checkpoints.push(checkpoint.clone());
+                    checkpoint_events.extend(events.iter().cloned());
+                }
+                Write::Complete { completion, events } => {
+                    completions.push(completion.clone());
+                    completion_events.extend(events.iter().cloned());
+                }
+            }
+        }
         // One statement needs no explicit transaction: it commits alone, in one
         // round trip. Both kinds at once share one transaction (one commit).
-        if checkpoints.is_empty() || completions.is_empty() {
+        let (checkpointed, completed) = if checkpoints.is_empty() || completions.is_empty() {
             let mut conn = self.pool.acquire().await?;
             let checkpointed = if checkpoints.is_empty() {
                 Vec::new()
             } else {
-                runs::checkpoint_many(&mut conn, self.worker, checkpoints, checkpoint_events)
-                    .await?
+                runs::checkpoint_many(&mut conn, &checkpoints, &checkpoint_events).await?
             };
             let completed = if completions.is_empty() {
                 Vec::new()
             } else {
-                runs::complete_many(
-                    &mut conn,
-                    self.worker,
-                    completions,
-                    completion_events,
-                    self.backoff,
-                )
-                .await?
+                runs::complete_many(&mut conn, &completions, &completion_events, self.backoff)
+                    .await?
             };
-            return Ok((checkpointed, completed));
-        }
-        let mut tx = self.pool.begin().await?;
-        let checkpointed =
-            runs::checkpoint_many(&mut tx, self.worker, checkpoints, checkpoint_events).await?;
-        let completed = runs::complete_many(
-            &mut tx,
-            self.worker,
-            completions,
-            completion_events,
-            self.backoff,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok((checkpointed, completed))
+            (checkpointed, completed)
+        } else {
+            let mut tx = self.pool.begin().await?;
+            let checkpointed =
+                runs::checkpoint_many(&mut tx, &checkpoints, &checkpoint_events).await?;
+            let completed =
+                runs::complete_many(&mut tx, &completions, &completion_events, self.backoff)
+                    .await?;
+            tx.commit().await?;
+            (checkpointed, completed)
+        };
+        let completed: std::collections::HashSet<RunId> = completed.into_iter().collect();
+        let mut checkpointed = checkpointed.into_iter();
+        Ok(writes
+            .iter()
+            .map(|write| match write {
+                Write::Checkpoint { .. } => Written::Checkpoint(
+                    checkpointed.next().unwrap_or(CheckpointResult::LeaseLost),
+                ),
+                Write::Complete { completion, .. } => {
+                    Written::Completed(completed.contains(&completion.lease.id))
+                }
+            })
+            .collect())
     }
 }
 

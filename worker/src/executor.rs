@@ -1,18 +1,24 @@
 //! Executes one claimed run: its steps in order from the first unfinished one,
 //! each step's output checkpointed before the next starts (DESIGN.md,
 //! invariant 5), the outcome handed to the completer.
+//!
+//! Whatever a handler produces is vetted before it joins a shared batch
+//! (invariant 7): an output or event Postgres cannot store, or one past the
+//! size cap, fails that step with a reason naming the problem, and never
+//! reaches the completer. A panic anywhere in the executor fails the attempt
+//! at once instead of leaving the run held until the process exits.
 
+use std::io::Write as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-
-use futures::FutureExt;
 use std::time::Duration;
 
 use chrono::Utc;
-use runq_shared::db::runs::{
-    Checkpoint, CheckpointResult, ClaimedRun, Completion, Lease, Outcome, StepEvent,
+use futures::FutureExt;
+use runq_shared::protocol::{
+    Checkpoint, CheckpointResult, ClaimedRun, Completion, FailedStep, Lease, Outcome, StepEvent,
 };
-use runq_shared::{ErrorReason, RunError, StepInput, StepStatus};
+use runq_shared::{storable, ErrorReason, NewEvent, RunError, StepInput, StepStatus};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -30,10 +36,12 @@ pub(crate) struct Context {
     pub(crate) hard_stop: CancellationToken,
     /// The server's cap on any run's duration.
     pub(crate) max_run_duration: Duration,
+    /// Most bytes a step's output, or its events together, may take.
+    pub(crate) max_output_bytes: usize,
 }
 
-/// How long `run` may take: its own timeout, capped by the server's limit.
-pub(crate) fn duration_limit(run: &ClaimedRun, cap: Duration) -> Duration {
+/// How long `run` may execute: its own timeout, capped by the server's limit.
+fn duration_limit(run: &ClaimedRun, cap: Duration) -> Duration {
     match run.timeout_seconds {
         Some(seconds) if seconds > 0 => cap.min(Duration::from_secs(seconds as u64)),
         _ => cap,
@@ -51,23 +59,69 @@ pub(crate) enum TaskEnd {
     Interrupted(Lease),
 }
 
-/// Runs `run` to its outcome unless the lease is lost, the run is cancelled or
-/// shutdown interrupts it.
-///
-/// `deadline` is when the run's duration cap runs out, on this process's
-/// monotonic clock (measured from the claim, so wall-clock skew cannot move it).
-pub(crate) async fn execute(
+/// Runs `run` as [`execute`] does, and turns a panic of the executor itself
+/// (handler panics are caught per step) into a failed attempt written right
+/// away, so the run is neither held until the process exits nor left to
+/// wait for its lease to expire.
+pub(crate) async fn execute_guarded(
     run: ClaimedRun,
-    deadline: tokio::time::Instant,
     signals: Signals,
     context: Arc<Context>,
 ) -> TaskEnd {
-    let lease = Lease {
-        id: run.id,
-        attempt: run.attempt,
-    };
-    let span =
-        tracing::info_span!("run", run.id = %run.id, run.attempt = run.attempt, queue = %run.queue);
+    let lease = run.lease;
+    let completer = context.completer.clone();
+    match AssertUnwindSafe(execute(run, signals, context))
+        .catch_unwind()
+        .await
+    {
+        Ok(end) => end,
+        Err(panic) => {
+            let message = panic_message(panic.as_ref());
+            tracing::error!(run.id = %lease.id, error = %message, "executor panicked; failing the attempt");
+            let completion = Completion {
+                lease,
+                outcome: Outcome::Failed {
+                    step: None,
+                    error: RunError::new(
+                        ErrorReason::ExecutorPanicked,
+                        format!("the worker's executor panicked: {message}"),
+                        None,
+                    ),
+                },
+            };
+            let write = Write::Complete {
+                completion,
+                events: Vec::new(),
+            };
+            if completer.send(write).await {
+                TaskEnd::Handed
+            } else {
+                TaskEnd::Dropped(lease)
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// Runs `run` to its outcome unless the lease is lost, the run is cancelled or
+/// shutdown interrupts it.
+///
+/// The duration cap starts now, when execution starts, on this process's
+/// monotonic clock: time the run spent claimed in the prefetch buffer does not
+/// count (invariant 8), and wall-clock skew cannot move it.
+async fn execute(run: ClaimedRun, signals: Signals, context: Arc<Context>) -> TaskEnd {
+    let lease = run.lease;
+    let limit = duration_limit(&run, context.max_run_duration);
+    let deadline = tokio::time::Instant::now() + limit;
+    let span = tracing::info_span!("run", run.id = %lease.id, run.attempt = lease.attempt,
+        queue = %run.queue);
     async move {
         let mut events = Vec::new();
         // Biased: a lost lease or shutdown wins over an outcome ready at the same
@@ -79,16 +133,13 @@ pub(crate) async fn execute(
             _ = signals.cancel.cancelled() => Outcome::Cancelled,
             // Dropped with the select when the run ends first: no timer outlives it.
             _ = tokio::time::sleep_until(deadline) => Outcome::Stopped {
-                error: RunError {
-                    reason: ErrorReason::DurationCap,
-                    message: format!(
-                        "the run exceeded its duration cap of {} s",
-                        duration_limit(&run, context.max_run_duration).as_secs_f64()
-                    ),
-                    position: None,
-                },
+                error: RunError::new(
+                    ErrorReason::DurationCap,
+                    format!("the run exceeded its duration cap of {} s", limit.as_secs_f64()),
+                    None,
+                ),
             },
-            outcome = pipeline(&run, lease, &context, &mut events) => match outcome {
+            outcome = pipeline(&run, &context, &mut events) => match outcome {
                 Some(outcome) => outcome,
                 None => return TaskEnd::Dropped(lease),
             },
@@ -116,10 +167,10 @@ pub(crate) async fn execute(
 /// are still written (fenced), so a later attempt resumes after them.
 async fn pipeline(
     run: &ClaimedRun,
-    lease: Lease,
     context: &Context,
     final_events: &mut Vec<StepEvent>,
 ) -> Option<Outcome> {
+    let lease = run.lease;
     let first = run
         .steps
         .iter()
@@ -144,8 +195,8 @@ async fn pipeline(
         let position = index as i32;
         let started_at = Utc::now();
         let input = StepInput {
-            id: run.id,
-            attempt: run.attempt,
+            id: lease.id,
+            attempt: lease.attempt,
             position,
             name: step.name.clone(),
             input: step.input.clone(),
@@ -154,103 +205,190 @@ async fn pipeline(
             metadata: run.metadata.clone(),
         };
         let mut events = Events::default();
-        let result = match context.handlers.get(&step.kind) {
-            None => Err(RunError {
-                reason: ErrorReason::UnknownStepKind,
-                message: format!("no handler registered for step kind '{}'", step.kind),
-                position: Some(position),
-            }),
-            Some(handler) => {
-                let failed = |err: crate::handler::StepError| RunError {
-                    reason: ErrorReason::StepFailed,
-                    message: err.message,
-                    position: Some(position),
-                };
-                // A panicking handler fails its step instead of taking the
-                // executor (and the run's lease bookkeeping) down with it.
-                let work = AssertUnwindSafe(handler.execute(&input, &mut events))
-                    .catch_unwind()
-                    .map(|result| {
-                        result.unwrap_or_else(|_| {
-                            Err(crate::handler::StepError::new(format!(
-                                "the '{}' handler panicked",
-                                step.kind
-                            )))
-                        })
-                    });
-                match step.timeout_seconds {
-                    Some(seconds) => {
-                        let limit = Duration::from_secs(seconds.max(1) as u64);
-                        match tokio::time::timeout(limit, work).await {
-                            Ok(result) => result.map_err(failed),
-                            Err(_) => Err(RunError {
-                                reason: ErrorReason::StepTimeout,
-                                message: format!("step timed out after {seconds} s"),
-                                position: Some(position),
-                            }),
-                        }
-                    }
-                    None => work.await.map_err(failed),
-                }
-            }
+        let result = run_step(context, &step.kind, step.timeout_seconds, &input, &mut events)
+            .await
+            .and_then(|output| vet(&output, &events.0, context.max_output_bytes).map(|()| output))
+            .map_err(|mut error| {
+                error.position = Some(position);
+                error
+            });
+        let failed = |error: RunError| {
+            tracing::warn!(position, step = %step.name, kind = %step.kind,
+                reason = ?error.reason, error = %error.message, "step failed");
+            Some(Outcome::Failed {
+                step: Some(FailedStep {
+                    position,
+                    started_at,
+                }),
+                error,
+            })
         };
-        let step_events = events.0.into_iter().map(|event| StepEvent {
-            lease,
-            position,
-            event,
-        });
-        match result {
+        let output = match result {
+            // Events of a step whose output cannot be stored are dropped with
+            // it: they may be what cannot be stored.
+            Err(error) if is_vetting(&error) => return failed(error),
             Err(error) => {
-                tracing::debug!(position, error = %error.message, "step failed");
-                final_events.extend(step_events);
-                return Some(Outcome::StepFailed {
-                    position,
-                    error,
-                    started_at,
-                    max_attempts: run.max_attempts,
-                });
+                final_events.extend(step_events(lease, position, events));
+                return failed(error);
             }
-            Ok(output) if index == last => {
-                final_events.extend(step_events);
-                return Some(Outcome::Succeeded {
+            Ok(output) => output,
+        };
+        if index == last {
+            final_events.extend(step_events(lease, position, events));
+            return Some(Outcome::Succeeded {
+                position,
+                output,
+                started_at,
+            });
+        }
+        let (answer, answered) = oneshot::channel();
+        let write = Write::Checkpoint {
+            checkpoint: Checkpoint {
+                lease,
+                position,
+                output: output.clone(),
+                started_at,
+            },
+            events: step_events(lease, position, events),
+            answer,
+        };
+        if !context.completer.send(write).await {
+            return None;
+        }
+        match answered.await.unwrap_or(CheckpointResult::LeaseLost) {
+            CheckpointResult::LeaseLost => {
+                tracing::warn!(
                     position,
-                    output,
-                    started_at,
-                });
+                    "lease lost: checkpoint refused, dropping the run"
+                );
+                return None;
             }
-            Ok(output) => {
-                let (answer, answered) = oneshot::channel();
-                let checkpoint = Checkpoint {
-                    lease,
-                    position,
-                    output: output.clone(),
-                    started_at,
-                };
-                let write = Write::Checkpoint {
-                    checkpoint,
-                    events: step_events.collect(),
-                    answer,
-                };
-                if !context.completer.send(write).await {
-                    return None;
-                }
-                match answered.await.unwrap_or(CheckpointResult::LeaseLost) {
-                    CheckpointResult::LeaseLost => {
-                        tracing::warn!(
-                            position,
-                            "lease lost: checkpoint refused, dropping the run"
-                        );
-                        return None;
-                    }
-                    CheckpointResult::Stored {
-                        cancel_requested: true,
-                    } => return Some(Outcome::Cancelled),
-                    CheckpointResult::Stored {
-                        cancel_requested: false,
-                    } => results.push(output),
-                }
+            CheckpointResult::Refused(reason) => {
+                return failed(RunError::new(
+                    ErrorReason::WriteRefused,
+                    format!("the database refused this step's checkpoint: {reason}"),
+                    Some(position),
+                ));
             }
+            CheckpointResult::Stored {
+                cancel_requested: true,
+            } => return Some(Outcome::Cancelled),
+            CheckpointResult::Stored {
+                cancel_requested: false,
+            } => results.push(output),
         }
     }
     None
+}
+
+fn step_events(lease: Lease, position: i32, events: Events) -> Vec<StepEvent> {
+    events
+        .0
+        .into_iter()
+        .map(|event| StepEvent {
+            lease,
+            position,
+            event,
+        })
+        .collect()
+}
+
+/// Runs one step's handler with its timeout; a panicking handler fails its
+/// step instead of taking the executor (and the run's lease bookkeeping) down.
+async fn run_step(
+    context: &Context,
+    kind: &str,
+    timeout_seconds: Option<i32>,
+    input: &StepInput,
+    events: &mut Events,
+) -> Result<Value, RunError> {
+    let Some(handler) = context.handlers.get(kind) else {
+        return Err(RunError::new(
+            ErrorReason::UnknownStepKind,
+            format!("no handler registered for step kind '{kind}'"),
+            None,
+        ));
+    };
+    let work = AssertUnwindSafe(handler.execute(input, events))
+        .catch_unwind()
+        .map(|result| match result {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(err)) => Err(RunError::new(ErrorReason::StepFailed, err.message, None)),
+            Err(panic) => Err(RunError::new(
+                ErrorReason::StepFailed,
+                format!(
+                    "the '{kind}' handler panicked: {}",
+                    panic_message(panic.as_ref())
+                ),
+                None,
+            )),
+        });
+    match timeout_seconds {
+        Some(seconds) => {
+            let limit = Duration::from_secs(seconds.max(1) as u64);
+            tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                Err(RunError::new(
+                    ErrorReason::StepTimeout,
+                    format!("step timed out after {seconds} s"),
+                    None,
+                ))
+            })
+        }
+        None => work.await,
+    }
+}
+
+fn is_vetting(error: &RunError) -> bool {
+    matches!(
+        error.reason,
+        ErrorReason::OutputUnstorable | ErrorReason::OutputTooLarge
+    )
+}
+
+/// Refuses an output or events Postgres cannot store or that exceed `max_bytes`.
+fn vet(output: &Value, events: &[NewEvent], max_bytes: usize) -> Result<(), RunError> {
+    let unstorable =
+        |err: storable::Unstorable| RunError::new(ErrorReason::OutputUnstorable, err.to_string(), None);
+    storable::check("output", output).map_err(unstorable)?;
+    let size = json_size(output);
+    if size > max_bytes {
+        return Err(RunError::new(
+            ErrorReason::OutputTooLarge,
+            format!("the step's output takes {size} bytes, more than the cap of {max_bytes} (RUNQ_MAX_OUTPUT_BYTES)"),
+            None,
+        ));
+    }
+    let mut total = 0;
+    for (index, event) in events.iter().enumerate() {
+        storable::check_text(&format!("events[{index}].kind"), &event.kind).map_err(unstorable)?;
+        storable::check(&format!("events[{index}].data"), &event.data).map_err(unstorable)?;
+        total += json_size(&event.data);
+    }
+    if total > max_bytes {
+        return Err(RunError::new(
+            ErrorReason::OutputTooLarge,
+            format!("the step's {} events take {total} bytes, more than the cap of {max_bytes} (RUNQ_MAX_OUTPUT_BYTES)", events.len()),
+            None,
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes `value` takes as JSON, counted without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a Value to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    let _ = count.flush();
+    count.0
 }

@@ -94,19 +94,33 @@ impl Handlers {
 
 /// `http`: POSTs the step envelope ([`StepInput`]) as JSON to `input.url`.
 /// The reply's status and body become the output and an `http.response`
-/// event; a reply outside 2xx fails the step.
+/// event; a reply outside 2xx fails the step, and so does a reply body larger
+/// than the handler's cap (read no further than the cap).
 pub struct Http {
     client: reqwest::Client,
+    max_reply_bytes: usize,
 }
 
-impl Default for Http {
-    fn default() -> Self {
+/// Reply cap of [`Http::default`]: 1 MiB, as `RUNQ_MAX_OUTPUT_BYTES`.
+pub const HTTP_DEFAULT_MAX_REPLY_BYTES: usize = 1024 * 1024;
+
+impl Http {
+    /// An `http` handler that fails a step whose reply body exceeds
+    /// `max_reply_bytes`.
+    pub fn new(max_reply_bytes: usize) -> Self {
         Self {
             client: reqwest::Client::builder()
                 .user_agent(concat!("runq/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .unwrap_or_default(),
+            max_reply_bytes,
         }
+    }
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new(HTTP_DEFAULT_MAX_REPLY_BYTES)
     }
 }
 
@@ -139,11 +153,31 @@ impl Handler for Http {
             .await
             .map_err(|err| StepError::new(format!("POST {url}: {err}")))?;
         let status = reply.status().as_u16();
-        let text = reply
-            .text()
+        let too_large = |size: u64| {
+            StepError::new(format!(
+                "the reply of {url} has {size} bytes or more, over the cap of {} (RUNQ_MAX_OUTPUT_BYTES)",
+                self.max_reply_bytes
+            ))
+        };
+        if let Some(length) = reply.content_length() {
+            if length > self.max_reply_bytes as u64 {
+                return Err(too_large(length));
+            }
+        }
+        let mut bytes = Vec::new();
+        let mut reply = reply;
+        while let Some(chunk) = reply
+            .chunk()
             .await
-            .map_err(|err| StepError::new(format!("reading the reply of {url}: {err}")))?;
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            .map_err(|err| StepError::new(format!("reading the reply of {url}: {err}")))?
+        {
+            if bytes.len() + chunk.len() > self.max_reply_bytes {
+                return Err(too_large((bytes.len() + chunk.len()) as u64));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         let output = json!({ "status": status, "body": body });
         events.record(
             "http.response",

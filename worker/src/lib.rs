@@ -2,10 +2,11 @@
 //!
 //! - [`Worker`]: the claim loop (batched claims with a bounded prefetch,
 //!   `LISTEN`/`NOTIFY` wake-ups with polling as a fallback), executors in a
-//!   `JoinSet`, batched heartbeats, and graceful shutdown.
+//!   `JoinSet`, batched heartbeats, the lease guard, and graceful shutdown.
 //! - [`handler`]: the [`Handler`] trait for custom step kinds and the built-in
 //!   `http`, `sleep`, `echo` and `fail`.
-//! - completer: writes checkpoints and outcomes in fenced batches.
+//! - completer: writes checkpoints and outcomes in fenced batches, isolating
+//!   a write the database refuses.
 //! - [`maintenance`]: the lease rescuer, run by every worker.
 #![warn(missing_docs)]
 

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use runq_shared::db::runs::{self, Backoff, RescueReport};
+use runq_shared::db::runs::{self, RescueReport};
+use runq_shared::protocol::Backoff;
 use runq_shared::db::workers;
 use runq_shared::db::DbError;
 use sqlx::PgPool;
@@ -48,10 +49,11 @@ impl Rescuer {
             total.led |= report.led;
             total.retried += report.retried;
             total.failed += report.failed;
+            total.cancelled += report.cancelled;
             if !report.led {
                 return Ok(total);
             }
-            if report.retried + report.failed < RESCUE_BATCH as u64 {
+            if report.retried + report.failed + report.cancelled < RESCUE_BATCH as u64 {
                 workers::mark_gone(&mut conn, self.stale_worker_ms).await?;
                 return Ok(total);
             }
@@ -72,10 +74,11 @@ impl Rescuer {
                 _ = tick.tick() => {}
             }
             match self.run_once().await {
-                Ok(report) if report.retried + report.failed > 0 => {
+                Ok(report) if report.retried + report.failed + report.cancelled > 0 => {
                     tracing::info!(
                         retried = report.retried,
                         failed = report.failed,
+                        cancelled = report.cancelled,
                         "rescued expired leases"
                     );
                 }

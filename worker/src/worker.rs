@@ -1,6 +1,10 @@
 //! The worker: claims runs in batches, executes them in a `JoinSet`, and keeps
 //! its leases alive; on shutdown it stops claiming, lets in-flight runs finish
 //! within the grace period and hands the rest back.
+//!
+//! [`Worker::run`] is four named steps: register, start the services
+//! (listener, heartbeat, lease guard, rescuer, completer), the claim loop
+//! ([`ClaimLoop`]), and the shutdown drain.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -9,19 +13,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runq_shared::config::WorkerConfig;
-use runq_shared::db::runs::{self, Backoff, ClaimedRun, Lease};
+use runq_shared::db::runs;
 use runq_shared::db::{workers, DbError, CANCEL_CHANNEL, PENDING_CHANNEL};
+use runq_shared::protocol::{Backoff, ClaimedRun, Lease};
 use runq_shared::WorkerId;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::completer::Completer;
 use crate::executor::{self, Context, TaskEnd};
-use crate::handler::{Handler, Handlers};
+use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
 use crate::maintenance::Rescuer;
 
@@ -45,7 +51,7 @@ pub struct WorkerReport {
     pub finished: u64,
     /// Runs handed back to pending at shutdown (unstarted or interrupted).
     pub released: u64,
-    /// Runs dropped because their lease was taken over.
+    /// Runs dropped because their lease was taken over or could have expired.
     pub dropped: u64,
 }
 
@@ -57,16 +63,34 @@ pub struct Worker {
     handlers: Handlers,
 }
 
-type ClaimFuture = Pin<Box<dyn Future<Output = Result<Vec<ClaimedRun>, DbError>> + Send>>;
+/// A claim in flight: the runs, and the instant the statement was sent.
+type ClaimFuture =
+    Pin<Box<dyn Future<Output = Result<(Vec<ClaimedRun>, Instant), DbError>> + Send>>;
+
+/// Delay before the next try after `failures` failures in a row of a claim or
+/// a listener connection: 200 ms doubling up to 5 s.
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_millis((100u64 << failures.min(6)).min(5_000))
+}
+
+/// How long before its local lease deadline a run is dropped: a tenth of the
+/// lease, at least 50 ms. It covers the time the abort takes to reach the
+/// step in flight, so the step stops before the database could expire the
+/// lease and the rescuer hand the run to another worker.
+fn lease_guard(lease_ms: u64) -> Duration {
+    Duration::from_millis((lease_ms / 10).max(50))
+}
 
 impl Worker {
     /// A worker with the built-in handlers and a fresh id.
     pub fn new(pool: PgPool, config: WorkerConfig) -> Self {
+        let mut handlers = Handlers::builtin();
+        handlers.register(Http::new(config.max_output_bytes));
         Self {
             id: Uuid::now_v7(),
             pool,
             config,
-            handlers: Handlers::builtin(),
+            handlers,
         }
     }
 
@@ -103,6 +127,7 @@ impl Worker {
             self.config.lease_ms,
         )
         .await
+        .map(|(runs, _)| runs)
     }
 
     /// Runs until `shutdown` fires, then drains: no new claims, in-flight runs
@@ -111,242 +136,43 @@ impl Worker {
     ///
     /// # Errors
     ///
-    /// The worker could not register itself (database unreachable at start).
+    /// The configuration cannot work, or the worker could not register itself
+    /// (database unreachable at start).
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport, WorkerError> {
-        let config = &self.config;
-        if config.concurrency == 0 {
-            return Err(WorkerError::Config(
-                "concurrency must be at least 1".to_owned(),
-            ));
-        }
-        if config.queues.is_empty() {
-            return Err(WorkerError::Config(
-                "at least one queue is needed".to_owned(),
-            ));
-        }
-        let hostname = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|| "unknown".to_owned());
-        {
-            let mut conn = self.pool.acquire().await.map_err(DbError::from)?;
-            workers::register(
-                &mut conn,
-                self.id,
-                &hostname,
-                std::process::id() as i32,
-                &config.queues,
-                config.concurrency as i32,
-            )
-            .await?;
-        }
-        tracing::info!(worker.id = %self.id, queues = ?config.queues,
-            concurrency = config.concurrency, prefetch = config.prefetch, "worker started");
-
+        self.check_config()?;
+        self.register_self().await?;
         let leases = Leases::default();
         let wake = Arc::new(Notify::new());
-        // Services stop when `services_stop` fires; the JoinSet aborts them if
-        // this function returns early.
         let services_stop = CancellationToken::new();
-        let mut services = JoinSet::new();
-        services.spawn(listen(
-            self.pool.clone(),
-            leases.clone(),
-            wake.clone(),
-            services_stop.clone(),
-        ));
-        services.spawn(heartbeat(
-            self.pool.clone(),
-            self.id,
-            leases.clone(),
-            Duration::from_millis(config.heartbeat_ms),
-            config.lease_ms,
-            services_stop.clone(),
-        ));
-        services.spawn(
-            Rescuer::new(
-                self.pool.clone(),
-                self.backoff(),
-                (config.lease_ms * 2) as i64,
-            )
-            .run(
-                Duration::from_millis(config.maintenance_ms),
-                services_stop.clone(),
-            ),
-        );
+        // The JoinSet aborts the services if this function returns early.
+        let mut services = self.start_services(&leases, &wake, &services_stop);
 
         let abandon = CancellationToken::new();
         let (completer, completer_done) = Completer::new(
             self.pool.clone(),
-            self.id,
             leases.clone(),
             self.backoff(),
-            config.complete_batch,
+            self.config.complete_batch,
         )
         .start(abandon.clone());
         let completer_task = tokio::spawn(completer_done);
         let hard_stop = CancellationToken::new();
-        let max_run_duration =
-            Duration::from_secs_f64((config.max_run_duration_minutes * 60.0).max(0.001));
         let context = Arc::new(Context {
             handlers: self.handlers.clone(),
             completer,
             hard_stop: hard_stop.clone(),
-            max_run_duration,
+            max_run_duration: Duration::from_secs_f64(
+                (self.config.max_run_duration_minutes * 60.0).max(0.001),
+            ),
+            max_output_bytes: self.config.max_output_bytes,
         });
 
-        let mut report = WorkerReport::default();
-        // Claimed runs not yet started, with the deadline of their duration cap.
-        let mut buffer: VecDeque<(ClaimedRun, tokio::time::Instant)> = VecDeque::new();
-        let mut tasks: JoinSet<TaskEnd> = JoinSet::new();
-        // The claim in flight, with the number of runs it asked for.
-        let mut claiming: Option<(ClaimFuture, usize)> = None;
-        let mut interrupted: Vec<Lease> = Vec::new();
-        // Set when a claim came back short: wait for a notification or a poll.
-        let mut drained = false;
-        let mut claim_failures = 0u32;
-        let mut poll =
-            tokio::time::interval(Duration::from_millis(config.poll_interval_ms.max(10)));
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let capacity = config.concurrency + config.prefetch;
-        // Refill the prefetch buffer once it is half empty, so claims come in
-        // large batches rather than one per finished run.
-        let low_water = config.prefetch / 2;
+        let mut claims = ClaimLoop::new(&self, leases.clone(), context);
+        claims.run(&wake, &shutdown).await;
 
-        loop {
-            while tasks.len() < config.concurrency {
-                let Some((run, deadline)) = buffer.pop_front() else {
-                    break;
-                };
-                let lease = Lease {
-                    id: run.id,
-                    attempt: run.attempt,
-                };
-                match leases.signals(run.id) {
-                    Some(signals) if !signals.lost.is_cancelled() => {
-                        tasks.spawn(executor::execute(run, deadline, signals, context.clone()));
-                    }
-                    _ => leases.remove(lease),
-                }
-            }
-            // Held runs, not just running tasks: a run whose outcome waits in
-            // the completer still holds its lease, so this bounds what the
-            // worker keeps from other workers when its writes slow down.
-            let room = capacity.saturating_sub(leases.len());
-            if claiming.is_none() && !drained && room > 0 && buffer.len() <= low_water {
-                claiming = Some((
-                    claim(
-                        self.pool.clone(),
-                        self.id,
-                        config.queues.clone(),
-                        room,
-                        config.lease_ms,
-                    ),
-                    room,
-                ));
-            }
-            tokio::select! {
-                (claimed, asked) = async {
-                    let (future, asked) = claiming.as_mut().expect("guarded by the branch condition");
-                    (future.await, *asked)
-                }, if claiming.is_some() =>
-                {
-                    claiming = None;
-                    match claimed {
-                        Ok(runs) => {
-                            claim_failures = 0;
-                            // Compared with what this claim asked for, not with
-                            // today's room: runs that finished meanwhile must not
-                            // make a full claim look like an empty queue.
-                            drained = runs.len() < asked;
-                            report.claimed += runs.len() as u64;
-                            let now = tokio::time::Instant::now();
-                            for run in runs {
-                                leases.insert(Lease { id: run.id, attempt: run.attempt });
-                                let deadline = now + executor::duration_limit(&run, max_run_duration);
-                                buffer.push_back((run, deadline));
-                            }
-                        }
-                        Err(err) => {
-                            claim_failures += 1;
-                            let backoff = Duration::from_millis(
-                                (100u64 << claim_failures.min(6)).min(5_000));
-                            tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64,
-                                "claim failed");
-                            drained = true;
-                            tokio::select! {
-                                _ = tokio::time::sleep(backoff) => {}
-                                _ = shutdown.cancelled() => {}
-                            }
-                        }
-                    }
-                }
-                Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
-                    record(ended, &mut report, &mut interrupted, &leases);
-                }
-                _ = leases.freed() => {}
-                _ = wake.notified() => drained = false,
-                _ = poll.tick() => drained = false,
-                _ = shutdown.cancelled() => break,
-            }
-        }
-
-        // Shutdown. Finish a claim already sent so its runs are released, not
-        // left to expire.
-        let mut unstarted: Vec<Lease> = buffer
-            .drain(..)
-            .map(|(run, _)| Lease {
-                id: run.id,
-                attempt: run.attempt,
-            })
-            .collect();
-        if let Some((claim, _)) = claiming.take() {
-            if let Ok(runs) = claim.await {
-                report.claimed += runs.len() as u64;
-                for run in runs {
-                    let lease = Lease {
-                        id: run.id,
-                        attempt: run.attempt,
-                    };
-                    leases.insert(lease);
-                    unstarted.push(lease);
-                }
-            }
-        }
-        report.released += self.release(&unstarted, &leases).await;
-        tracing::info!(
-            in_flight = tasks.len(),
-            grace_ms = config.shutdown_grace_ms,
-            "worker stopping: waiting for in-flight runs"
-        );
-        let grace = tokio::time::sleep(Duration::from_millis(config.shutdown_grace_ms));
-        tokio::pin!(grace);
-        loop {
-            tokio::select! {
-                ended = tasks.join_next() => match ended {
-                    Some(ended) => record(ended, &mut report, &mut interrupted, &leases),
-                    None => break,
-                },
-                _ = &mut grace, if !hard_stop.is_cancelled() => hard_stop.cancel(),
-            }
-        }
-        // Flush every outcome (and checkpoint) before handing runs back, so a
-        // released run resumes after its last finished step.
-        drop(context);
-        let flush_deadline = Duration::from_millis(config.shutdown_grace_ms.max(5_000));
-        let abandon_timer = {
-            let abandon = abandon.clone();
-            async move {
-                tokio::time::sleep(flush_deadline).await;
-                abandon.cancel();
-            }
-        };
-        tokio::select! {
-            _ = completer_task => {}
-            _ = abandon_timer => tracing::warn!("completer abandoned: the database stayed unreachable"),
-        }
-        report.released += self.release(&interrupted, &leases).await;
+        let report = self
+            .shut_down(claims, &leases, hard_stop, completer_task, abandon)
+            .await;
         services_stop.cancel();
         while services.join_next().await.is_some() {}
         if let Ok(mut conn) = self.pool.acquire().await {
@@ -364,13 +190,151 @@ impl Worker {
         Ok(report)
     }
 
+    fn check_config(&self) -> Result<(), WorkerError> {
+        if self.config.concurrency == 0 {
+            return Err(WorkerError::Config(
+                "concurrency must be at least 1".to_owned(),
+            ));
+        }
+        if self.config.queues.is_empty() {
+            return Err(WorkerError::Config(
+                "at least one queue is needed".to_owned(),
+            ));
+        }
+        if self.config.heartbeat_ms >= self.config.lease_ms {
+            return Err(WorkerError::Config(format!(
+                "heartbeat every {} ms cannot keep a lease of {} ms alive; make RUNQ_HEARTBEAT_MS shorter than RUNQ_LEASE_MS",
+                self.config.heartbeat_ms, self.config.lease_ms
+            )));
+        }
+        Ok(())
+    }
+
+    async fn register_self(&self) -> Result<(), WorkerError> {
+        let config = &self.config;
+        let hostname = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let mut conn = self.pool.acquire().await.map_err(DbError::from)?;
+        workers::register(
+            &mut conn,
+            self.id,
+            &hostname,
+            std::process::id() as i32,
+            &config.queues,
+            config.concurrency as i32,
+        )
+        .await?;
+        tracing::info!(worker.id = %self.id, queues = ?config.queues,
+            concurrency = config.concurrency, prefetch = config.prefetch, "worker started");
+        Ok(())
+    }
+
+    /// The listener, the heartbeat, the lease guard and the rescuer; they stop
+    /// when `stop` fires.
+    fn start_services(
+        &self,
+        leases: &Leases,
+        wake: &Arc<Notify>,
+        stop: &CancellationToken,
+    ) -> JoinSet<()> {
+        let config = &self.config;
+        let mut services = JoinSet::new();
+        services.spawn(listen(
+            self.pool.clone(),
+            leases.clone(),
+            wake.clone(),
+            stop.clone(),
+        ));
+        services.spawn(heartbeat(
+            self.pool.clone(),
+            self.id,
+            leases.clone(),
+            Duration::from_millis(config.heartbeat_ms),
+            config.lease_ms,
+            stop.clone(),
+        ));
+        services.spawn(guard_leases(
+            leases.clone(),
+            lease_guard(config.lease_ms),
+            stop.clone(),
+        ));
+        services.spawn(
+            Rescuer::new(
+                self.pool.clone(),
+                self.backoff(),
+                (config.lease_ms * 2) as i64,
+            )
+            .run(Duration::from_millis(config.maintenance_ms), stop.clone()),
+        );
+        services
+    }
+
+    /// Shutdown: hands back unstarted runs, gives in-flight runs the grace
+    /// period, flushes every outcome, then hands back the interrupted runs.
+    async fn shut_down(
+        &self,
+        mut claims: ClaimLoop,
+        leases: &Leases,
+        hard_stop: CancellationToken,
+        completer_task: tokio::task::JoinHandle<()>,
+        abandon: CancellationToken,
+    ) -> WorkerReport {
+        let config = &self.config;
+        // Finish a claim already sent so its runs are released, not left to expire.
+        let mut unstarted: Vec<Lease> = claims.buffer.drain(..).map(|run| run.lease).collect();
+        if let Some((claim, _)) = claims.claiming.take() {
+            if let Ok((runs, sent)) = claim.await {
+                claims.report.claimed += runs.len() as u64;
+                let deadline = sent + Duration::from_millis(config.lease_ms);
+                for run in runs {
+                    leases.insert(run.lease, deadline);
+                    unstarted.push(run.lease);
+                }
+            }
+        }
+        claims.report.released += self.release(&unstarted, leases).await;
+        tracing::info!(
+            in_flight = claims.tasks.len(),
+            grace_ms = config.shutdown_grace_ms,
+            "worker stopping: waiting for in-flight runs"
+        );
+        let grace = tokio::time::sleep(Duration::from_millis(config.shutdown_grace_ms));
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                ended = claims.tasks.join_next() => match ended {
+                    Some(ended) => claims.record(ended),
+                    None => break,
+                },
+                _ = &mut grace, if !hard_stop.is_cancelled() => hard_stop.cancel(),
+            }
+        }
+        // Flush every outcome (and checkpoint) before handing runs back, so a
+        // released run resumes after its last finished step.
+        drop(claims.context);
+        let flush_deadline = Duration::from_millis(config.shutdown_grace_ms.max(5_000));
+        let abandon_timer = async move {
+            tokio::time::sleep(flush_deadline).await;
+            abandon.cancel();
+        };
+        tokio::select! {
+            _ = completer_task => {}
+            _ = abandon_timer => tracing::warn!("completer abandoned: the database stayed unreachable"),
+        }
+        claims.report.released += self.release(&claims.interrupted, leases).await;
+        claims.report
+    }
+
     /// Hands `leases` back to pending without charging the attempt.
     async fn release(&self, to_release: &[Lease], leases: &Leases) -> u64 {
         if to_release.is_empty() {
             return 0;
         }
         let released = match self.pool.acquire().await {
-            Ok(mut conn) => runs::release_many(&mut conn, self.id, to_release).await,
+            Ok(mut conn) => runs::release_many(&mut conn, to_release).await,
             Err(err) => Err(err.into()),
         };
         for lease in to_release {
@@ -387,26 +351,182 @@ impl Worker {
     }
 }
 
-fn record(
-    ended: Result<TaskEnd, tokio::task::JoinError>,
-    report: &mut WorkerReport,
-    interrupted: &mut Vec<Lease>,
-    leases: &Leases,
-) {
-    match ended {
-        Ok(TaskEnd::Handed) => report.finished += 1,
-        Ok(TaskEnd::Dropped(lease)) => {
-            report.dropped += 1;
-            leases.remove(lease);
+/// The claim loop's state: claimed runs waiting for a slot, executors, the
+/// claim in flight.
+struct ClaimLoop {
+    pool: PgPool,
+    worker: WorkerId,
+    queues: Vec<String>,
+    lease_ms: u64,
+    concurrency: usize,
+    /// Most runs held at once: slots plus prefetch.
+    capacity: usize,
+    /// Refill the prefetch buffer once it is this low, so claims come in
+    /// large batches rather than one per finished run.
+    low_water: usize,
+    poll_interval: Duration,
+    leases: Leases,
+    context: Arc<Context>,
+    /// Claimed runs not yet started (under lease, heartbeated).
+    buffer: VecDeque<ClaimedRun>,
+    tasks: JoinSet<TaskEnd>,
+    /// The claim in flight, with the number of runs it asked for.
+    claiming: Option<(ClaimFuture, usize)>,
+    /// Runs shutdown interrupted, to hand back once outcomes are flushed.
+    interrupted: Vec<Lease>,
+    /// Set when a claim came back short: wait for a notification or a poll.
+    drained: bool,
+    claim_failures: u32,
+    report: WorkerReport,
+}
+
+impl ClaimLoop {
+    fn new(worker: &Worker, leases: Leases, context: Arc<Context>) -> Self {
+        let config = &worker.config;
+        Self {
+            pool: worker.pool.clone(),
+            worker: worker.id,
+            queues: config.queues.clone(),
+            lease_ms: config.lease_ms,
+            concurrency: config.concurrency,
+            capacity: config.concurrency + config.prefetch,
+            low_water: config.prefetch / 2,
+            poll_interval: Duration::from_millis(config.poll_interval_ms.max(10)),
+            leases,
+            context,
+            buffer: VecDeque::new(),
+            tasks: JoinSet::new(),
+            claiming: None,
+            interrupted: Vec::new(),
+            drained: false,
+            claim_failures: 0,
+            report: WorkerReport::default(),
         }
-        Ok(TaskEnd::Interrupted(lease)) => interrupted.push(lease),
-        // Handler panics are caught inside the task and fail the step, so this
-        // is only reached if the executor itself panicked: its lease stays
-        // registered, and the run is written off when the worker stops.
-        Err(err) => tracing::error!(error = %err, "executor task failed"),
+    }
+
+    /// Claims and executes until `shutdown` fires.
+    async fn run(&mut self, wake: &Notify, shutdown: &CancellationToken) {
+        let mut poll = tokio::time::interval(self.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.start_buffered();
+            self.maybe_claim();
+            tokio::select! {
+                (claimed, asked) = async {
+                    let (future, asked) = self.claiming.as_mut().expect("guarded by the branch condition");
+                    (future.await, *asked)
+                }, if self.claiming.is_some() => {
+                    self.claiming = None;
+                    if let Err(err) = self.on_claimed(claimed, asked) {
+                        let delay = retry_delay(self.claim_failures);
+                        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
+                            "claim failed");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = shutdown.cancelled() => {}
+                        }
+                    }
+                }
+                Some(ended) = self.tasks.join_next(), if !self.tasks.is_empty() => self.record(ended),
+                _ = self.leases.freed() => {}
+                _ = wake.notified() => self.drained = false,
+                _ = poll.tick() => self.drained = false,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Starts buffered runs while slots are free; a run whose lease was lost
+    /// while it waited is dropped.
+    fn start_buffered(&mut self) {
+        while self.tasks.len() < self.concurrency {
+            let Some(run) = self.buffer.pop_front() else {
+                return;
+            };
+            match self.leases.signals(run.lease) {
+                Some(signals) if !signals.lost.is_cancelled() => {
+                    self.tasks.spawn(executor::execute_guarded(
+                        run,
+                        signals,
+                        self.context.clone(),
+                    ));
+                }
+                _ => {
+                    self.report.dropped += 1;
+                    self.leases.remove(run.lease);
+                }
+            }
+        }
+    }
+
+    /// Sends a claim for the room left, if none is in flight and the queue
+    /// may hold more.
+    fn maybe_claim(&mut self) {
+        // Held runs, not just running tasks: a run whose outcome waits in the
+        // completer still holds its lease, so this bounds what the worker
+        // keeps from other workers when its writes slow down.
+        let room = self.capacity.saturating_sub(self.leases.len());
+        if self.claiming.is_some() || self.drained || room == 0 || self.buffer.len() > self.low_water
+        {
+            return;
+        }
+        let claim = claim(
+            self.pool.clone(),
+            self.worker,
+            self.queues.clone(),
+            room,
+            self.lease_ms,
+        );
+        self.claiming = Some((claim, room));
+    }
+
+    /// Registers the runs a claim returned. The claim itself started their
+    /// local lease deadline (from when it was sent).
+    fn on_claimed(
+        &mut self,
+        claimed: Result<(Vec<ClaimedRun>, Instant), DbError>,
+        asked: usize,
+    ) -> Result<(), DbError> {
+        let (runs, sent) = match claimed {
+            Ok(runs) => runs,
+            Err(err) => {
+                self.claim_failures += 1;
+                self.drained = true;
+                return Err(err);
+            }
+        };
+        self.claim_failures = 0;
+        // Compared with what this claim asked for, not with today's room:
+        // runs that finished meanwhile must not make a full claim look like
+        // an empty queue.
+        self.drained = runs.len() < asked;
+        self.report.claimed += runs.len() as u64;
+        let deadline = sent + Duration::from_millis(self.lease_ms);
+        for run in &runs {
+            self.leases.insert(run.lease, deadline);
+        }
+        self.buffer.extend(runs);
+        Ok(())
+    }
+
+    fn record(&mut self, ended: Result<TaskEnd, tokio::task::JoinError>) {
+        match ended {
+            Ok(TaskEnd::Handed) => self.report.finished += 1,
+            Ok(TaskEnd::Dropped(lease)) => {
+                self.report.dropped += 1;
+                self.leases.remove(lease);
+            }
+            Ok(TaskEnd::Interrupted(lease)) => self.interrupted.push(lease),
+            // `execute_guarded` catches panics, so only an abort (shutdown of
+            // the runtime) lands here.
+            Err(err) => tracing::error!(error = %err, "executor task failed"),
+        }
     }
 }
 
+/// One claim statement on its own connection, with the instant it was sent:
+/// the claimed runs' local lease deadlines count from it, since it is no later
+/// than the database's `now()` that set their leases.
 fn claim(
     pool: PgPool,
     worker: WorkerId,
@@ -416,7 +536,9 @@ fn claim(
 ) -> ClaimFuture {
     Box::pin(async move {
         let mut conn = pool.acquire().await?;
-        runs::claim(&mut conn, worker, &queues, limit as i64, lease_ms as i64).await
+        let sent = Instant::now();
+        let runs = runs::claim(&mut conn, worker, &queues, limit as i64, lease_ms as i64).await?;
+        Ok((runs, sent))
     })
 }
 
@@ -439,12 +561,12 @@ async fn listen(pool: PgPool, leases: Leases, wake: Arc<Notify>, stop: Cancellat
                 Ok(listener) => listener,
                 Err(err) => {
                     failures += 1;
-                    let backoff = Duration::from_millis((100u64 << failures.min(6)).min(5_000));
-                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64,
+                    let delay = retry_delay(failures);
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
                         "listener could not connect");
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => continue,
+                        _ = tokio::time::sleep(delay) => continue,
                     }
                 }
             },
@@ -463,7 +585,7 @@ async fn listen(pool: PgPool, leases: Leases, wake: Arc<Notify>, stop: Cancellat
                         .payload()
                         .parse()
                         .ok()
-                        .and_then(|id| leases.signals(id));
+                        .and_then(|id| leases.signals_of(id));
                     if let Some(signals) = signals {
                         signals.cancel.cancel();
                     }
@@ -480,9 +602,9 @@ async fn listen(pool: PgPool, leases: Leases, wake: Arc<Notify>, stop: Cancellat
     }
 }
 
-/// Extends every held lease in one statement each `every`, drops runs whose
-/// lease was taken over, passes on cancel requests and keeps the worker's own
-/// row fresh.
+/// Extends every held lease in one statement each `every`, renews the local
+/// deadlines of the leases it extended, drops runs whose lease was taken
+/// over, passes on cancel requests and keeps the worker's own row fresh.
 async fn heartbeat(
     pool: PgPool,
     worker: WorkerId,
@@ -503,32 +625,73 @@ async fn heartbeat(
             let mut conn = pool.acquire().await?;
             workers::heartbeat(&mut conn, worker).await?;
             if held.is_empty() {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), Instant::now()));
             }
-            runs::extend_leases(&mut conn, worker, &held, lease_ms as i64).await
+            // Sent now: the database sets the new expiry no earlier.
+            let sent = Instant::now();
+            let alive = runs::extend_leases(&mut conn, &held, lease_ms as i64).await?;
+            Ok::<_, DbError>((alive, sent))
         };
         match beat.await {
-            Ok(alive) => {
-                let alive: std::collections::HashMap<_, _> = alive
-                    .into_iter()
-                    .map(|run| (run.id, run.cancel_requested))
-                    .collect();
+            Ok((alive, sent)) => {
+                let alive: std::collections::HashMap<_, _> =
+                    alive.into_iter().map(|run| (run.id, run)).collect();
+                let mut extended = Vec::with_capacity(held.len());
                 for lease in held {
-                    let Some(signals) = leases.signals(lease.id) else {
-                        continue;
-                    };
                     match alive.get(&lease.id) {
                         None => {
-                            tracing::warn!(run.id = %lease.id, "lease lost; dropping the run");
-                            signals.lost.cancel();
-                            leases.remove(lease);
+                            if leases.signals(lease).is_some() {
+                                tracing::warn!(run.id = %lease.id, "lease lost; dropping the run");
+                                leases.lose(lease);
+                            }
                         }
-                        Some(true) => signals.cancel.cancel(),
-                        Some(false) => {}
+                        Some(run) => {
+                            if run.extended {
+                                extended.push(lease);
+                            }
+                            if run.cancel_requested {
+                                if let Some(signals) = leases.signals(lease) {
+                                    signals.cancel.cancel();
+                                }
+                            }
+                        }
                     }
                 }
+                leases.renew(&extended, sent + Duration::from_millis(lease_ms));
             }
             Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+        }
+    }
+}
+
+/// The lease guard: drops every held run `margin` before its local lease
+/// deadline, aborting the step in flight. While heartbeats succeed the
+/// deadlines keep moving and it does nothing; when this worker loses Postgres
+/// it stops acting on its runs before the rescuer could hand them to another
+/// worker (DESIGN.md, invariant 1).
+async fn guard_leases(leases: Leases, margin: Duration, stop: CancellationToken) {
+    // New claims and renewals only move deadlines later, so sleeping until the
+    // earliest one known misses nothing; the cap bounds the wait when no run
+    // is held.
+    const IDLE: Duration = Duration::from_millis(250);
+    loop {
+        let now = Instant::now();
+        let wake_at = leases
+            .earliest_deadline()
+            .map(|deadline| deadline.checked_sub(margin).unwrap_or(now))
+            .unwrap_or(now + IDLE)
+            .min(now + IDLE);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+        let overdue = leases.expire_overdue(Instant::now() + margin);
+        if !overdue.is_empty() {
+            tracing::warn!(
+                runs = overdue.len(),
+                margin_ms = margin.as_millis() as u64,
+                "leases may be about to expire (no heartbeat got through); aborting their runs"
+            );
         }
     }
 }

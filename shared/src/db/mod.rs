@@ -46,6 +46,9 @@ pub enum DbError {
     /// The referenced project does not exist for this tenant.
     #[error("project {0} not found")]
     ProjectNotFound(uuid::Uuid),
+    /// An idempotency key was used before by a different request.
+    #[error("idempotency key '{0}' was already used with different parameters; use a new key for a new request")]
+    IdempotencyMismatch(String),
     /// The input was refused before it reached the database.
     #[error(transparent)]
     Invalid(#[from] crate::model::InvalidRun),

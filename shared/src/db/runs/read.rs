@@ -1,0 +1,68 @@
+//! What clients read: one run, or a tenant's runs page by page.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::db::DbError;
+use crate::model::{Run, RunId, RunStatus, TenantId};
+
+/// The run `id` if `tenant` owns it.
+///
+/// # Errors
+///
+/// [`DbError::RunNotFound`] when it does not exist for this tenant.
+pub async fn get(conn: &mut PgConnection, tenant: TenantId, id: RunId) -> Result<Run, DbError> {
+    query_runs!("", "FROM runs WHERE id = $1 AND tenant_id = $2", id, tenant)
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(Run::from)
+        .ok_or(DbError::RunNotFound(id))
+}
+
+/// Which runs [`list`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only runs in this status.
+    pub status: Option<RunStatus>,
+    /// Only runs of this queue.
+    pub queue: Option<String>,
+    /// Only runs of this project.
+    pub project_id: Option<Uuid>,
+    /// Only runs older than this id (the previous page's last id).
+    pub before: Option<RunId>,
+}
+
+/// A tenant's runs, newest first, at most `limit`.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn list(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    filter: &RunFilter,
+    limit: i64,
+) -> Result<Vec<Run>, DbError> {
+    Ok(query_runs!(
+        "",
+        r#"FROM runs
+        WHERE tenant_id = $1
+          AND ($2::run_status IS NULL OR status = $2)
+          AND ($3::text IS NULL OR queue = $3)
+          AND ($4::uuid IS NULL OR project_id = $4)
+          AND ($5::uuid IS NULL OR id < $5)
+        ORDER BY id DESC
+        LIMIT $6"#,
+        tenant,
+        filter.status as Option<RunStatus>,
+        filter.queue,
+        filter.project_id,
+        filter.before,
+        limit,
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(Run::from)
+    .collect())
+}
