@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod claim;
 mod contract;
+mod events;
 mod execution;
 mod faults;
 mod load;
