@@ -9,5 +9,6 @@ mod contract;
 mod events;
 mod execution;
 mod faults;
+mod hardening;
 mod load;
 mod shutdown;
