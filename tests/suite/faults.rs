@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::support::process::{free_port, Proc};
 use crate::support::target::Target;
-use crate::support::{check_invariants, token, TestDb};
+use crate::support::{check_invariants, held_by, token, worker_id_of, TestDb};
 
 /// Short leases so a dead worker's runs come back within a second or two.
 const FAST_LEASE: [(&str, &str); 2] = [("RUNQ_LEASE_MS", "1000"), ("RUNQ_HEARTBEAT_MS", "200")];
@@ -77,10 +77,14 @@ async fn sigkilled_worker_run_is_rescued_and_completes_once_elsewhere() {
     check_invariants(&db).await;
 }
 
-/// Fault 2: SIGKILL one of three workers every couple of seconds during a
-/// 200-run load: every run completes, none twice.
+/// Fault 2 (invariants 1 and 2): SIGKILL a worker four times during a
+/// 300-run load, each time while it holds runs. The runs it held are rescued
+/// (`lease_expired`, another attempt), every run succeeds, and no attempt is
+/// executed twice: the target sees each (run, attempt) at most once, never an
+/// attempt the run did not count, and the attempt whose reply is the result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_workers_repeatedly_during_load_loses_and_doubles_nothing() {
+    const RUNS: i64 = 300;
     let db = TestDb::new().await;
     let tenant = db.tenant("acme").await;
     let target = Target::start();
@@ -91,15 +95,38 @@ async fn killing_workers_repeatedly_during_load_loses_and_doubles_nothing() {
         ("RUNQ_PREFETCH", "5"),
     ];
     let mut workers: Vec<Proc> = (0..3).map(|_| Proc::worker(&db.url, &env)).collect();
-    let url = target.url_with_delay(40, None);
-    db.enqueue(tenant, (0..200).map(|_| http_run(&url)).collect())
+    let url = target.url_with_delay(100, None);
+    db.enqueue(tenant, (0..RUNS).map(|_| http_run(&url)).collect())
         .await;
 
-    for round in 0..4 {
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
-        let victim = round % workers.len();
+    let mut orphaned: Vec<uuid::Uuid> = Vec::new();
+    for round in 0..4i64 {
+        // Spread the kills through the load.
+        db.wait_for("the load to progress", Duration::from_secs(60), || async {
+            db.count_status("succeeded").await >= round * 40
+        })
+        .await;
+        let victim = round as usize % workers.len();
+        let id = worker_id_of(&db, workers[victim].child.id()).await;
+        db.wait_for(
+            "the victim to hold runs",
+            Duration::from_secs(30),
+            || async { held_by(&db, id).await > 0 },
+        )
+        .await;
         workers[victim].signal(Signal::SIGKILL);
         workers[victim].wait_exit(Duration::from_secs(5)).await;
+        let held: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT id FROM runs WHERE locked_by = $1 AND status = 'running'")
+                .bind(id)
+                .fetch_all(&db.pool)
+                .await
+                .expect("held runs");
+        assert!(
+            !held.is_empty(),
+            "round {round}: the victim died holding runs"
+        );
+        orphaned.extend(held);
         workers[victim] = Proc::worker(&db.url, &env);
     }
     db.wait_all_terminal(Duration::from_secs(90)).await;
@@ -107,7 +134,58 @@ async fn killing_workers_repeatedly_during_load_loses_and_doubles_nothing() {
         worker.stop().await;
     }
 
-    assert_eq!(db.count_status("succeeded").await, 200);
+    assert_eq!(db.count_status("succeeded").await, RUNS);
+    let unrescued: Vec<(uuid::Uuid, i32)> = sqlx::query_as(
+        "SELECT r.id, r.attempt FROM runs r WHERE r.id = ANY($1) AND (r.attempt < 2
+           OR NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.id
+                          AND o.event_type = 'run.retrying'
+                          AND o.payload->'run'->'error'->>'reason' = 'lease_expired'))",
+    )
+    .bind(&orphaned)
+    .fetch_all(&db.pool)
+    .await
+    .expect("rescues");
+    assert!(
+        unrescued.is_empty(),
+        "runs held by a killed worker but not rescued (id, attempt): {unrescued:?}"
+    );
+
+    let seen = target.seen.all();
+    let mut once = std::collections::HashSet::new();
+    let twice: Vec<_> = seen.iter().filter(|pair| !once.insert(**pair)).collect();
+    assert!(
+        twice.is_empty(),
+        "attempts that called the target twice: {twice:?}"
+    );
+    // The attempt that finished the http step (attempts that died after its
+    // checkpoint resume at the echo step and never call the target again).
+    let finished: Vec<(uuid::Uuid, i32, i32, Option<i64>)> = sqlx::query_as(
+        "SELECT r.id, r.attempt, s.attempt, (r.result->'body'->>'attempt')::int8
+         FROM runs r JOIN run_steps s ON s.run_id = r.id AND s.position = 0",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("runs");
+    for (id, attempt, http_attempt, result_attempt) in finished {
+        assert!(
+            once.contains(&(id, http_attempt)),
+            "{id}: the target never saw attempt {http_attempt}, which finished the http step"
+        );
+        assert_eq!(
+            result_attempt,
+            Some(i64::from(http_attempt)),
+            "{id}: the result is the reply to the attempt that finished the http step"
+        );
+        let highest = seen
+            .iter()
+            .filter(|(run, _)| *run == id)
+            .map(|(_, a)| *a)
+            .max();
+        assert!(
+            highest <= Some(attempt),
+            "{id}: the target saw attempt {highest:?} of a run at attempt {attempt}"
+        );
+    }
     check_invariants(&db).await;
 }
 
