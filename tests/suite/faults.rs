@@ -373,20 +373,41 @@ async fn postgres_restart_under_load_loses_no_acknowledged_run() {
     check_invariants(&db).await;
 }
 
-/// Fault 5 (invariant 1): a worker paused (SIGSTOP) past its lease, then
-/// resumed: its late completion is refused and the new owner's result stands.
+/// The run's row, steps, events and outbox rows, as text, to compare
+/// before and after something that must not write.
+async fn written(db: &TestDb, id: uuid::Uuid) -> String {
+    sqlx::query_scalar(
+        "SELECT concat_ws(E'\\n',
+             (SELECT row_to_json(r)::text FROM runs r WHERE r.id = $1),
+             (SELECT json_agg(s ORDER BY s.position)::text FROM run_steps s WHERE s.run_id = $1),
+             (SELECT json_agg(e ORDER BY e.id)::text FROM run_events e WHERE e.run_id = $1),
+             (SELECT json_agg(o ORDER BY o.id)::text FROM outbox o WHERE o.run_id = $1))",
+    )
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await
+    .expect("snapshot")
+}
+
+/// Fault 5 (invariant 1): a worker paused (SIGSTOP) past its lease while its
+/// `http` step waits for the reply; another worker takes the run over and
+/// completes it. Woken once the target has answered, then stopped (its
+/// completer flushes on a graceful stop), the paused worker writes nothing:
+/// the result, the step output and the events are attempt 2's, and the run
+/// has exactly one terminal outbox row.
 #[tokio::test]
 async fn paused_worker_late_completion_is_refused() {
     let db = TestDb::new().await;
     let tenant = db.tenant("acme").await;
     let target = Target::start();
-    let debug = ("RUST_LOG", "info,sqlx=warn,runq_worker=debug");
-    let mut paused = Proc::worker(&db.url, &[FAST_LEASE[0], FAST_LEASE[1], debug]);
+    let mut paused = Proc::worker(&db.url, &FAST_LEASE);
+    let call = NewStep::new(
+        "call",
+        "http",
+        json!({ "url": target.url_with_delay(1_500, Some(1)) }),
+    );
     let run = db
-        .enqueue(
-            tenant,
-            vec![http_run(&target.url_with_delay(2_500, Some(1)))],
-        )
+        .enqueue(tenant, vec![CreateRun::new(vec![call])])
         .await
         .remove(0);
     wait_seen(&target, run.id, 1).await;
@@ -395,24 +416,60 @@ async fn paused_worker_late_completion_is_refused() {
     let mut owner = Proc::worker(&db.url, &FAST_LEASE);
     db.wait_all_terminal(Duration::from_secs(30)).await;
     owner.stop().await;
-    // Let the target answer the paused worker's request, then wake it up.
-    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !target.seen.answered(run.id, 1) {
+        assert!(
+            Instant::now() < deadline,
+            "the target never answered attempt 1"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = written(&db, run.id).await;
     paused.signal(Signal::SIGCONT);
     let status = paused.stop().await;
 
-    assert!(status.success());
-    let log = paused.log_text();
-    assert!(
-        log.contains("lease lost"),
-        "the paused worker's late write was refused: {log}"
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(
+        written(&db, run.id).await,
+        before,
+        "the paused worker's late completion wrote nothing"
     );
-    assert!(log.contains("dropped=1"), "and it dropped the run: {log}");
     let (status, attempt, result, _) = row(&db, run.id).await;
     assert_eq!((status.as_str(), attempt), ("succeeded", 2));
     assert_eq!(
         result.expect("result")["body"]["attempt"],
         2,
         "the new owner's result stands"
+    );
+    let (step_attempt, output): (i32, Value) =
+        sqlx::query_as("SELECT attempt, output FROM run_steps WHERE run_id = $1")
+            .bind(run.id)
+            .fetch_one(&db.pool)
+            .await
+            .expect("step");
+    assert_eq!((step_attempt, &output["body"]["attempt"]), (2, &json!(2)));
+    let events: Vec<(i32, String)> =
+        sqlx::query_as("SELECT attempt, kind FROM run_events WHERE run_id = $1 ORDER BY id")
+            .bind(run.id)
+            .fetch_all(&db.pool)
+            .await
+            .expect("events");
+    assert_eq!(events, vec![(2, "http.response".to_owned())]);
+    let outbox: Vec<String> =
+        sqlx::query_scalar("SELECT event_type FROM outbox WHERE run_id = $1 ORDER BY id")
+            .bind(run.id)
+            .fetch_all(&db.pool)
+            .await
+            .expect("outbox");
+    assert_eq!(
+        outbox,
+        vec![
+            "run.created",
+            "run.started",
+            "run.retrying",
+            "run.started",
+            "run.succeeded"
+        ]
     );
     check_invariants(&db).await;
 }
