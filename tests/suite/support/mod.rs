@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod handlers;
 pub mod process;
+pub mod proxy;
 pub mod target;
 
 /// Where the test server is: an admin URL (database `postgres` or the one
@@ -452,4 +453,36 @@ pub async fn check_invariants(db: &TestDb) {
     .await
     .expect("invariant query");
     assert!(violations.is_empty(), "invariants violated: {violations:?}");
+}
+
+/// The id (`runs.locked_by`) of the worker process `pid` registered in `db`,
+/// waiting up to ten seconds for it to register.
+pub async fn worker_id_of(db: &TestDb, pid: u32) -> uuid::Uuid {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let id: Option<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT id FROM workers WHERE pid = $1 ORDER BY started_at DESC LIMIT 1",
+        )
+        .bind(pid as i32)
+        .fetch_optional(&db.pool)
+        .await
+        .expect("workers");
+        if let Some(id) = id {
+            return id;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker process {pid} never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How many runs worker `worker` holds (`running` under its lease).
+pub async fn held_by(db: &TestDb, worker: uuid::Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM runs WHERE locked_by = $1 AND status = 'running'")
+        .bind(worker)
+        .fetch_one(&db.pool)
+        .await
+        .expect("count held runs")
 }
