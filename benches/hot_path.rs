@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use criterion::{black_box, Bencher, BenchmarkId, Criterion, Throughput};
 use runq_shared::db::runs;
-use runq_shared::protocol::{Backoff, ClaimedRun, Completion, Outcome};
 use runq_shared::db::{self, tenants};
 use runq_shared::postgres::{pick_database, PickedDatabase};
+use runq_shared::protocol::{Backoff, ClaimedRun, Completion, Outcome};
 use runq_shared::{
     EventType, NewRun, NewStep, OutboxEvent, RunSnapshot, RunStatus, StepInput, TenantId,
 };
@@ -241,10 +241,9 @@ fn complete_many(criterion: &mut Criterion, runtime: &Runtime, bench: &Bench) {
                             .map(echo_succeeded)
                             .collect();
                         let start = Instant::now();
-                        let written =
-                            runs::complete_many(&mut conn, &completions, &[], BACKOFF)
-                                .await
-                                .expect("the completion statement runs");
+                        let written = runs::complete_many(&mut conn, &completions, &[], BACKOFF)
+                            .await
+                            .expect("the completion statement runs");
                         elapsed += start.elapsed();
                         assert_eq!(written.len(), completions.len(), "every lease is held");
                     }

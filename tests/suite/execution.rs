@@ -357,14 +357,9 @@ async fn stale_worker_cannot_overwrite_new_owner() {
         .await
         .expect("complete");
     assert!(written.is_empty(), "the stale completion is refused");
-    let written = runs::complete_many(
-        &mut conn,
-        &[finish(second.lease, "fresh")],
-        &[],
-        backoff,
-    )
-    .await
-    .expect("complete");
+    let written = runs::complete_many(&mut conn, &[finish(second.lease, "fresh")], &[], backoff)
+        .await
+        .expect("complete");
     assert_eq!(written, vec![run.id]);
     drop(conn);
 
@@ -421,7 +416,10 @@ async fn write_from_a_runs_earlier_life_is_refused_after_a_retry() {
         later.lease.attempt, earlier.lease.attempt,
         "the user-visible attempt repeats after a retry"
     );
-    assert!(later.lease.token > earlier.lease.token, "the fence does not");
+    assert!(
+        later.lease.token > earlier.lease.token,
+        "the fence does not"
+    );
 
     let late = Completion {
         lease: earlier.lease,
@@ -454,7 +452,11 @@ async fn write_from_a_runs_earlier_life_is_refused_after_a_retry() {
     let (run, _) = detail(&db, run.id).await;
     assert_eq!(run.status, RunStatus::Running);
     assert_eq!(run.result, None);
-    assert_eq!(run.errors.len(), 1, "the earlier life's expiry is in the history");
+    assert_eq!(
+        run.errors.len(),
+        1,
+        "the earlier life's expiry is in the history"
+    );
     assert_eq!(run.errors[0].reason, runq_shared::ErrorReason::LeaseExpired);
     assert_eq!(run.errors[0].worker_id, Some(worker));
 }

@@ -10,5 +10,6 @@ mod events;
 mod execution;
 mod faults;
 mod hardening;
+mod isolation;
 mod load;
 mod shutdown;

@@ -162,7 +162,11 @@ impl Completer {
     /// Writes `writes`, splitting the batch around writes the database
     /// refuses. One result per write, in order; `None`: given up while the
     /// database stayed unreachable.
-    fn persist<'a>(&'a self, writes: &'a [Write], abandon: &'a CancellationToken) -> Persisting<'a> {
+    fn persist<'a>(
+        &'a self,
+        writes: &'a [Write],
+        abandon: &'a CancellationToken,
+    ) -> Persisting<'a> {
         Box::pin(async move {
             let err = match self.write_retrying(writes, abandon).await {
                 Ok(results) => return results.into_iter().map(Some).collect(),
@@ -322,9 +326,9 @@ impl Completer {
         Ok(writes
             .iter()
             .map(|write| match write {
-                Write::Checkpoint { .. } => Written::Checkpoint(
-                    checkpointed.next().unwrap_or(CheckpointResult::LeaseLost),
-                ),
+                Write::Checkpoint { .. } => {
+                    Written::Checkpoint(checkpointed.next().unwrap_or(CheckpointResult::LeaseLost))
+                }
                 Write::Complete { completion, .. } => {
                     Written::Completed(completed.contains(&completion.lease.id))
                 }

@@ -205,13 +205,19 @@ async fn pipeline(
             metadata: run.metadata.clone(),
         };
         let mut events = Events::default();
-        let result = run_step(context, &step.kind, step.timeout_seconds, &input, &mut events)
-            .await
-            .and_then(|output| vet(&output, &events.0, context.max_output_bytes).map(|()| output))
-            .map_err(|mut error| {
-                error.position = Some(position);
-                error
-            });
+        let result = run_step(
+            context,
+            &step.kind,
+            step.timeout_seconds,
+            &input,
+            &mut events,
+        )
+        .await
+        .and_then(|output| vet(&output, &events.0, context.max_output_bytes).map(|()| output))
+        .map_err(|mut error| {
+            error.position = Some(position);
+            error
+        });
         let failed = |error: RunError| {
             tracing::warn!(position, step = %step.name, kind = %step.kind,
                 reason = ?error.reason, error = %error.message, "step failed");
@@ -257,10 +263,7 @@ async fn pipeline(
         }
         match answered.await.unwrap_or(CheckpointResult::LeaseLost) {
             CheckpointResult::LeaseLost => {
-                tracing::warn!(
-                    position,
-                    "lease lost: checkpoint refused, dropping the run"
-                );
+                tracing::warn!(position, "lease lost: checkpoint refused, dropping the run");
                 return None;
             }
             CheckpointResult::Refused(reason) => {
@@ -347,8 +350,9 @@ fn is_vetting(error: &RunError) -> bool {
 
 /// Refuses an output or events Postgres cannot store or that exceed `max_bytes`.
 fn vet(output: &Value, events: &[NewEvent], max_bytes: usize) -> Result<(), RunError> {
-    let unstorable =
-        |err: storable::Unstorable| RunError::new(ErrorReason::OutputUnstorable, err.to_string(), None);
+    let unstorable = |err: storable::Unstorable| {
+        RunError::new(ErrorReason::OutputUnstorable, err.to_string(), None)
+    };
     storable::check("output", output).map_err(unstorable)?;
     let size = json_size(output);
     if size > max_bytes {

@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use runq_shared::db::runs::{self, RescueReport};
-use runq_shared::protocol::Backoff;
 use runq_shared::db::workers;
 use runq_shared::db::DbError;
+use runq_shared::protocol::Backoff;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 

@@ -466,7 +466,10 @@ impl ClaimLoop {
         // completer still holds its lease, so this bounds what the worker
         // keeps from other workers when its writes slow down.
         let room = self.capacity.saturating_sub(self.leases.len());
-        if self.claiming.is_some() || self.drained || room == 0 || self.buffer.len() > self.low_water
+        if self.claiming.is_some()
+            || self.drained
+            || room == 0
+            || self.buffer.len() > self.low_water
         {
             return;
         }

@@ -123,3 +123,52 @@ impl Handler for FailOnce {
         }
     }
 }
+
+/// `panic_on_drop`: waits forever holding a guard that panics when dropped,
+/// as a handler with a buggy `Drop` would. Given a step `timeout_seconds`,
+/// the timeout drops it inside the executor, outside the handler's own
+/// panic catching: the executor itself panics.
+pub struct PanicOnDrop;
+
+struct Bomb;
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        panic!("a handler's guard panicked while being dropped");
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for PanicOnDrop {
+    fn kind(&self) -> &str {
+        "panic_on_drop"
+    }
+
+    async fn execute(&self, _step: &StepInput, _events: &mut Events) -> Result<Value, StepError> {
+        let _bomb = Bomb;
+        std::future::pending::<()>().await;
+        Ok(Value::Null)
+    }
+}
+
+/// `big`: outputs a JSON string of `input.bytes` bytes, or records it as an
+/// event when `input.as_event` is true.
+pub struct Big;
+
+#[async_trait::async_trait]
+impl Handler for Big {
+    fn kind(&self) -> &str {
+        "big"
+    }
+
+    async fn execute(&self, step: &StepInput, events: &mut Events) -> Result<Value, StepError> {
+        let bytes = step.input.get("bytes").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let text = Value::String("x".repeat(bytes));
+        if step.input.get("as_event").and_then(Value::as_bool) == Some(true) {
+            events.record("blob", text);
+            Ok(json!({ "recorded": bytes }))
+        } else {
+            Ok(text)
+        }
+    }
+}

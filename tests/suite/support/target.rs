@@ -230,6 +230,39 @@ async fn unstorable(Json(step): Json<StepInput>, Data(seen): Data<&Seen>) -> Res
         .body(UNSTORABLE_BODY)
 }
 
+#[derive(Deserialize)]
+struct Big {
+    /// Bytes of the JSON string the reply carries.
+    bytes: usize,
+    /// Stream it without a `Content-Length`, so only reading reveals its size.
+    #[serde(default)]
+    chunked: bool,
+}
+
+/// Answers 200 with a JSON string of `bytes` bytes.
+#[handler]
+async fn big(
+    Json(step): Json<StepInput>,
+    Query(big): Query<Big>,
+    Data(seen): Data<&Seen>,
+) -> Response {
+    arrive(seen, &step).answer();
+    let body = format!("\"{}\"", "x".repeat(big.bytes));
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .content_type("application/json");
+    if big.chunked {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body
+            .into_bytes()
+            .chunks(16 * 1024)
+            .map(|chunk| Ok(chunk.to_vec()))
+            .collect();
+        response.body(poem::Body::from_bytes_stream(futures::stream::iter(chunks)))
+    } else {
+        response.body(body)
+    }
+}
+
 /// The target server, stopped when dropped.
 pub struct Target {
     /// `http://127.0.0.1:<port>/hook`.
@@ -237,6 +270,9 @@ pub struct Target {
     /// `http://127.0.0.1:<port>/unstorable`: answers 200 with
     /// [`UNSTORABLE_BODY`].
     pub unstorable_url: String,
+    /// `http://127.0.0.1:<port>/big`: answers with a JSON string of
+    /// `?bytes=` bytes (`&chunked=true`: without a `Content-Length`).
+    pub big_url: String,
     /// What it received.
     pub seen: Seen,
     stop: CancellationToken,
@@ -250,11 +286,13 @@ impl Target {
         let address = listener.local_addr().expect("address");
         let url = format!("http://{address}/hook");
         let unstorable_url = format!("http://{address}/unstorable");
+        let big_url = format!("http://{address}/big");
         let seen = Seen::default();
         let stop = CancellationToken::new();
         let app = Route::new()
             .at("/hook", post(hook))
             .at("/unstorable", post(unstorable))
+            .at("/big", post(big))
             .data(seen.clone());
         let shutdown = stop.clone().cancelled_owned();
         tokio::spawn(async move {
@@ -265,6 +303,7 @@ impl Target {
                 .await
         });
         Target {
+            big_url,
             url,
             unstorable_url,
             seen,

@@ -213,7 +213,12 @@ impl CompletionColumns {
                 "succeeded",
                 Some(output.clone()),
                 None,
-                Some((*position, StepStatus::Succeeded, Some(output.clone()), *started_at)),
+                Some((
+                    *position,
+                    StepStatus::Succeeded,
+                    Some(output.clone()),
+                    *started_at,
+                )),
             ),
             Outcome::Failed { step, error } => (
                 "failed",

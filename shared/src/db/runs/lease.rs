@@ -63,7 +63,10 @@ pub async fn extend_leases(
 /// # Errors
 ///
 /// Database errors.
-pub async fn release_many(conn: &mut PgConnection, leases: &[Lease]) -> Result<Vec<RunId>, DbError> {
+pub async fn release_many(
+    conn: &mut PgConnection,
+    leases: &[Lease],
+) -> Result<Vec<RunId>, DbError> {
     let (ids, tokens) = columns(leases);
     Ok(sqlx::query_scalar!(
         r#"
