@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use criterion::{black_box, Bencher, BenchmarkId, Criterion, Throughput};
+use runq_devtools::postgres::{pick_database, PickedDatabase};
 use runq_shared::db::runs::{self, Backoff, ClaimedRun, Completion, Lease, Outcome};
 use runq_shared::db::{self, tenants};
-use runq_shared::postgres::{pick_database, PickedDatabase};
 use runq_shared::{
     EventType, NewRun, NewStep, OutboxEvent, RunSnapshot, RunStatus, StepInput, TenantId,
 };

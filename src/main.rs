@@ -194,7 +194,7 @@ async fn create_database_for(url: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     admin.set_path("/postgres");
-    runq_shared::postgres::create_database(admin.as_str(), &name)
+    runq_devtools::postgres::create_database(admin.as_str(), &name)
         .await
         .with_context(|| format!("creating database '{name}'"))?;
     Ok(())
@@ -227,7 +227,7 @@ fn shutdown_signal() -> CancellationToken {
 }
 
 async fn dev(database: DatabaseArgs, api: ApiConfig, worker: WorkerConfig) -> anyhow::Result<()> {
-    let picked = runq_shared::postgres::pick_database(database.url.as_deref(), "runq")
+    let picked = runq_devtools::postgres::pick_database(database.url.as_deref(), "runq")
         .await
         .context("finding a database")?;
     let pool = open_pool(&picked.url, &database, true).await?;

@@ -5,13 +5,11 @@
 //! - [`db`]: every SQL statement runq runs, one module per table family. Each
 //!   function takes `&mut PgConnection` so the caller owns the transaction.
 //! - [`config`]: clap-derived settings shared by the `runq` subcommands.
-//! - [`postgres`]: finding or starting a Postgres server without configuration.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod db;
 pub mod model;
-pub mod postgres;
 
 pub use db::runs::{enqueue, enqueue_many};
 pub use db::DbError;

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use runq_devtools::postgres::{Durability, LocalCluster};
 use runq_shared::db::runs;
-use runq_shared::postgres::{Durability, LocalCluster};
 use runq_shared::{CreateRun, NewStep};
 use serde_json::{json, Value};
 
@@ -179,7 +179,7 @@ impl Drop for OwnCluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_under_load_loses_no_acknowledged_run() {
     let own = OwnCluster::start();
-    runq_shared::postgres::create_database(&own.cluster.url("postgres"), "runq")
+    runq_devtools::postgres::create_database(&own.cluster.url("postgres"), "runq")
         .await
         .expect("database");
     let url = own.cluster.url("runq");

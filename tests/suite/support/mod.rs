@@ -15,9 +15,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use runq_devtools::postgres::{Durability, LocalCluster};
 use runq_shared::config::{ApiConfig, WorkerConfig};
 use runq_shared::db::{self, MIGRATOR};
-use runq_shared::postgres::{Durability, LocalCluster};
 use runq_shared::{CreateRun, NewRun, NewStep, Run, TenantId};
 use runq_worker::Worker;
 use serde_json::Value;
