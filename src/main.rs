@@ -30,24 +30,27 @@ enum Command {
         #[command(flatten)]
         api: ApiConfig,
         /// Do not apply pending migrations at start.
-        #[arg(long, env = "RUNQ_NO_MIGRATE")]
+        #[arg(long, env = "RUNQ_NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
         no_migrate: bool,
     },
-    /// Claim and execute runs until SIGTERM or SIGINT.
+    /// Claim and execute runs until SIGTERM, SIGINT or SIGHUP.
     Worker {
         #[command(flatten)]
         database: DatabaseArgs,
         #[command(flatten)]
         worker: WorkerConfig,
         /// Do not apply pending migrations at start.
-        #[arg(long, env = "RUNQ_NO_MIGRATE")]
+        #[arg(long, env = "RUNQ_NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
         no_migrate: bool,
     },
     /// API and a worker in one process, on a database found without
-    /// configuration; prints a token and the docs URL.
+    /// configuration; prints a token and the docs URL. A throwaway cluster it
+    /// started is stopped on SIGINT, SIGTERM or SIGHUP (closing the terminal).
     Dev {
         #[command(flatten)]
         database: DatabaseArgs,
+        #[command(flatten)]
+        throwaway: runq_devtools::postgres::ThrowawayArgs,
         #[command(flatten)]
         api: ApiConfig,
         #[command(flatten)]
@@ -119,7 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let pool = connect(&database, !no_migrate).await?;
             tracing::info!(listen = %api.listen, "api listening");
-            runq_api::serve(pool, &api, shutdown_signal().cancelled_owned())
+            runq_api::serve(pool, &api, shutdown_signal()?.cancelled_owned())
                 .await
                 .with_context(|| format!("serving on {}", api.listen))?;
         }
@@ -129,13 +132,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_migrate,
         } => {
             let pool = connect(&database, !no_migrate).await?;
-            Worker::new(pool, worker).run(shutdown_signal()).await?;
+            Worker::new(pool, worker).run(shutdown_signal()?).await?;
         }
         Command::Dev {
             database,
+            throwaway,
             api,
             worker,
-        } => dev(database, api, worker).await?,
+        } => dev(database, throwaway, api, worker).await?,
         Command::Migrate { database } => {
             let Some(url) = database.url.as_deref() else {
                 bail!("no database: set DATABASE_URL or pass --database-url");
@@ -200,36 +204,50 @@ async fn create_database_for(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A token cancelled on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> CancellationToken {
+/// A token cancelled on the first SIGTERM, SIGINT or SIGHUP. SIGHUP (the
+/// terminal closed) must not kill the process outright: `runq dev` would
+/// leave its throwaway cluster running.
+///
+/// The handlers are installed before this returns, so a signal arriving
+/// any time after the call is caught, not acted on by its default action.
+fn shutdown_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            }
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+            _ = hangup.recv() => "SIGHUP",
         };
-        tokio::select! {
-            _ = terminate => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutdown requested");
+        tracing::info!(signal = name, "shutdown requested");
         cancel.cancel();
     });
-    token
+    Ok(token)
 }
 
-async fn dev(database: DatabaseArgs, api: ApiConfig, worker: WorkerConfig) -> anyhow::Result<()> {
-    let picked = runq_devtools::postgres::pick_database(database.url.as_deref(), "runq")
-        .await
-        .context("finding a database")?;
+async fn dev(
+    database: DatabaseArgs,
+    throwaway: runq_devtools::postgres::ThrowawayArgs,
+    api: ApiConfig,
+    worker: WorkerConfig,
+) -> anyhow::Result<()> {
+    // Before the cluster starts, so a signal during start-up still ends with
+    // the cluster stopped (when `picked` is dropped).
+    let shutdown = shutdown_signal()?;
+    let picked =
+        runq_devtools::postgres::pick_database(database.url.as_deref(), "runq", &throwaway)
+            .await
+            .context("finding a database")?;
+    if let Some(data_dir) = picked.throwaway_data_dir() {
+        tracing::info!(data_dir = %data_dir.display(), "throwaway cluster started");
+    }
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
     let pool = open_pool(&picked.url, &database, true).await?;
     let mut conn = pool.acquire().await?;
     let tenant = db::tenants::ensure(&mut conn, "dev").await?;
@@ -250,7 +268,6 @@ async fn dev(database: DatabaseArgs, api: ApiConfig, worker: WorkerConfig) -> an
          -H 'Content-Type: application/json' \
          -d '{{\"steps\":[{{\"name\":\"hello\",\"kind\":\"echo\",\"input\":{{\"greeting\":\"hi\"}}}}]}}'"
     );
-    let shutdown = shutdown_signal();
     let worker_task = tokio::spawn(Worker::new(pool.clone(), worker).run(shutdown.clone()));
     let served = runq_api::serve_on(listener, pool, &api, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();

@@ -126,9 +126,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     validate(&args)?;
     let settings = settings(&args);
     let progress = Progress::new();
-    let picked = runq_devtools::postgres::pick_database(args.database.url.as_deref(), "runq_bench")
-        .await
-        .context("finding a database")?;
+    let picked = runq_devtools::postgres::pick_database(
+        args.database.url.as_deref(),
+        "runq_bench",
+        &runq_devtools::postgres::ThrowawayArgs::default(),
+    )
+    .await
+    .context("finding a database")?;
     progress.note(format_args!(
         "database: {} ({})",
         crate::redact(&picked.url),

@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod claim;
 mod contract;
+mod dev;
 mod execution;
 mod faults;
 mod load;
