@@ -74,10 +74,14 @@ enum Command {
     },
     /// Submit a run through the API.
     Enqueue(client::EnqueueArgs),
-    /// Show a run and its steps.
+    /// Show a run, its steps and its failed attempts; the exit status says
+    /// how the run ended.
+    #[command(after_help = client::EXIT_CODES)]
     Status(client::StatusArgs),
-    /// Follow a run's events until it finishes.
-    Tail(client::StatusArgs),
+    /// Follow a run's events until it finishes; the exit status says how it
+    /// ended.
+    #[command(after_help = client::EXIT_CODES)]
+    Tail(client::TailArgs),
     /// Print the OpenAPI document (as committed in openapi/openapi.json).
     Openapi,
     /// The load tool: enqueue, drain and latency figures as one JSON line.
@@ -105,7 +109,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("runq: {err:#}");
             std::process::ExitCode::FAILURE
@@ -113,7 +117,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the exit status is 0 unless the command reports
+/// otherwise (`status` and `tail` report how the run ended).
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Api {
             database,
@@ -160,12 +166,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
         }
         Command::Enqueue(args) => client::enqueue(args).await?,
-        Command::Status(args) => client::status(args).await?,
-        Command::Tail(args) => client::tail(args).await?,
+        Command::Status(args) => return client::status(args).await,
+        Command::Tail(args) => return client::tail(args).await,
         Command::Openapi => println!("{}", runq_api::spec()),
         Command::Bench(args) => bench::run(args).await?,
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Opens the pool for `database` and, if asked, applies migrations.

@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod claim;
+mod cli;
 mod contract;
 mod dev;
 mod execution;
