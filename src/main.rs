@@ -262,18 +262,18 @@ async fn dev(
     let listener = std::net::TcpListener::bind(&api.listen)
         .with_context(|| format!("binding {}", api.listen))?;
     let address = listener.local_addr()?;
+    // Every line after "paste" is a shell command that works as printed
+    // (the suite runs them), so a newcomer can copy the block whole.
     println!("runq dev is up");
     println!("  database  {} ({})", redact(&picked.url), picked.source);
     println!("  api       http://{address}/v1");
     println!("  docs      http://{address}/docs");
-    println!("  token     {token}");
     println!();
-    println!("try:");
-    println!(
-        "  curl -s -X POST http://{address}/v1/runs -H 'Authorization: Bearer {token}' \
-         -H 'Content-Type: application/json' \
-         -d '{{\"steps\":[{{\"name\":\"hello\",\"kind\":\"echo\",\"input\":{{\"greeting\":\"hi\"}}}}]}}'"
-    );
+    println!("paste into another shell, in this repository:");
+    println!("export RUNQ_URL=http://{address}");
+    println!("export RUNQ_TOKEN={token}");
+    println!("{DEV_EXAMPLE}");
+    println!();
     let worker_task = tokio::spawn(Worker::new(pool.clone(), worker).run(shutdown.clone()));
     let served = runq_api::serve_on(listener, pool, &api, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
@@ -283,6 +283,12 @@ async fn dev(
     drop(picked);
     Ok(())
 }
+
+/// What `runq dev` suggests running once `RUNQ_URL` and `RUNQ_TOKEN` are
+/// set: a run that needs nothing but runq, followed to its end.
+const DEV_EXAMPLE: &str = "\
+ID=$(cargo run -q -- enqueue --step 'echo:{\"greeting\":\"hi\"}' --step 'sleep:{\"ms\":500}')
+cargo run -q -- tail $ID";
 
 /// The URL without its password, for printing.
 pub(crate) fn redact(url: &str) -> String {

@@ -174,3 +174,124 @@ async fn dev_after_a_killed_dev_stops_the_stale_cluster_and_comes_up() {
     assert!(status.success(), "exit status {status}");
     wait_gone(fresh, "the second runq dev's postmaster").await;
 }
+
+/// The `sh` blocks of the README's "Submit a run" section, in order.
+fn readme_first_example() -> String {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("## Submit a run")
+        .expect("the README has a 'Submit a run' section");
+    let section = &readme[start..];
+    let section = &section[..section[3..]
+        .find("\n## ")
+        .map_or(section.len(), |end| end + 3)];
+    let mut blocks = Vec::new();
+    let mut rest = section;
+    while let Some(open) = rest.find("```sh\n") {
+        let body = &rest[open + "```sh\n".len()..];
+        let close = body.find("```").expect("a closed code block");
+        blocks.push(&body[..close]);
+        rest = &body[close + 3..];
+    }
+    assert!(!blocks.is_empty(), "the section has sh blocks");
+    blocks.concat()
+}
+
+/// The lines `runq dev` prints for a newcomer to paste: everything after
+/// "paste into another shell" up to the blank line, once printed.
+fn printed_commands(stdout: &str) -> Option<String> {
+    let (_, after) = stdout.split_once("paste into another shell, in this repository:\n")?;
+    let (block, _) = after.split_once("\n\n")?;
+    Some(format!("{block}\n"))
+}
+
+/// The README's first example succeeds as printed against a fresh
+/// `runq dev`: bash runs the commands `runq dev` prints (its `export` lines
+/// and its example), then every `sh` block of "Submit a run", in order,
+/// with `cargo run -q --` standing for the built binary. Every command
+/// exits 0 and every run they submit succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_first_example_succeeds_as_printed_on_a_fresh_dev() {
+    for tool in ["bash", "curl", "python3"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if !found {
+            return skip_or_fail(&format!("the README's example needs {tool}"));
+        }
+    }
+    let db = crate::support::TestDb::new().await;
+    let port = free_port();
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("runq-dev-{}.out", uuid::Uuid::now_v7().simple()));
+    let log = out.with_extension("log");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_runq"));
+    command
+        .arg("dev")
+        .env("DATABASE_URL", &db.url)
+        .env("RUNQ_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info,sqlx=warn")
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let mut dev = Proc {
+        child: command.spawn().expect("spawn runq dev"),
+        log,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let printed = loop {
+        let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(printed) = printed_commands(&stdout) {
+            break printed;
+        }
+        assert!(dev.alive(), "runq dev exited: {}", dev.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "runq dev printed no commands: {stdout}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        printed.starts_with("export RUNQ_URL=") && printed.contains("\nexport RUNQ_TOKEN="),
+        "runq dev prints the variables the client reads: {printed}"
+    );
+
+    let script = format!("{printed}{}", readme_first_example());
+    assert!(
+        script.contains("cargo run -q -- enqueue") && script.contains("cargo run -q -- tail"),
+        "the example runs the CLI through cargo: {script}"
+    );
+    let script = script.replace(
+        "cargo run -q --",
+        &format!("'{}'", env!("CARGO_BIN_EXE_runq")),
+    );
+    let ran = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the example finishes within 60 s")
+    .expect("run bash");
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    let stderr = String::from_utf8_lossy(&ran.stderr);
+    assert!(
+        ran.status.success(),
+        "the example failed ({}):\n{script}\nstdout: {stdout}\nstderr: {stderr}\nrunq dev: {}",
+        ran.status,
+        dev.log_text()
+    );
+
+    db.wait_all_terminal(Duration::from_secs(20)).await;
+    let runs: i64 = db.scalar("SELECT count(*) FROM runs").await;
+    assert!(runs >= 3, "the example submitted its runs ({runs})");
+    assert_eq!(
+        db.count_status("succeeded").await,
+        runs,
+        "every run of the example succeeded"
+    );
+    let status = dev.stop().await;
+    assert!(status.success(), "runq dev exit status {status}");
+}
