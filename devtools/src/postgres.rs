@@ -303,7 +303,8 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// How `runq dev` (and `runq bench`) choose a throwaway cluster.
+/// Settings of the throwaway cluster (`runq dev`'s options; `runq bench` and
+/// the benches use the defaults).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ThrowawayArgs {
     /// Start a throwaway cluster from local Postgres binaries even when
