@@ -29,19 +29,12 @@ lint:
 openapi:
     cargo run -q -- openapi > openapi/openapi.json
 
-# Database the sqlx macros check queries against (migrated by `sqlx-prepare`).
-sqlx_db := env_var_or_default("RUNQ_SQLX_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/runq_sqlx")
-
-# Regenerate .sqlx/ (compile-time query data) against a live database.
+# Regenerate .sqlx/ (compile-time query data) against a scratch database
+# migrated on the local Postgres (RUNQ_SQLX_SERVER; see .ci/sqlx-check).
 sqlx-prepare:
-    cargo run -q -- migrate --database-url {{sqlx_db}}
-    rm -rf .sqlx && mkdir .sqlx
-    touch shared/src/lib.rs
-    SQLX_OFFLINE=false DATABASE_URL={{sqlx_db}} cargo check --workspace --all-targets
+    .ci/sqlx-check --write
 
-# Fail if .sqlx/ is stale against a live database.
+# Fail if .sqlx/ is stale against the migrations and the queries (skipped,
+# with a message, where no Postgres answers). CI runs the same script.
 sqlx-check:
-    cargo run -q -- migrate --database-url {{sqlx_db}}
-    cp -r .sqlx /tmp/runq-sqlx-before && rm -rf .sqlx && mkdir .sqlx && touch shared/src/lib.rs
-    SQLX_OFFLINE=false DATABASE_URL={{sqlx_db}} cargo check --workspace --all-targets
-    diff -r /tmp/runq-sqlx-before .sqlx && rm -rf /tmp/runq-sqlx-before
+    .ci/sqlx-check

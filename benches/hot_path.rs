@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use criterion::{black_box, Bencher, BenchmarkId, Criterion, Throughput};
+use runq_devtools::postgres::{pick_database, PickedDatabase, ThrowawayArgs};
 use runq_shared::db::runs;
 use runq_shared::db::{self, tenants};
-use runq_shared::postgres::{pick_database, PickedDatabase};
 use runq_shared::protocol::{Backoff, ClaimedRun, Completion, Outcome};
 use runq_shared::{
     EventType, NewRun, NewStep, OutboxEvent, RunSnapshot, RunStatus, StepInput, TenantId,
@@ -56,7 +56,7 @@ struct Bench {
 impl Bench {
     async fn connect() -> Self {
         let url = std::env::var("DATABASE_URL").ok();
-        let database = pick_database(url.as_deref(), "runq_criterion")
+        let database = pick_database(url.as_deref(), "runq_criterion", &ThrowawayArgs::default())
             .await
             .expect("no Postgres: set DATABASE_URL or run one at 127.0.0.1:5432");
         let pool = db::pool(&database.url, 4, Duration::from_secs(30))

@@ -30,24 +30,27 @@ enum Command {
         #[command(flatten)]
         api: ApiConfig,
         /// Do not apply pending migrations at start.
-        #[arg(long, env = "RUNQ_NO_MIGRATE")]
+        #[arg(long, env = "RUNQ_NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
         no_migrate: bool,
     },
-    /// Claim and execute runs until SIGTERM or SIGINT.
+    /// Claim and execute runs until SIGTERM, SIGINT or SIGHUP.
     Worker {
         #[command(flatten)]
         database: DatabaseArgs,
         #[command(flatten)]
         worker: WorkerConfig,
         /// Do not apply pending migrations at start.
-        #[arg(long, env = "RUNQ_NO_MIGRATE")]
+        #[arg(long, env = "RUNQ_NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
         no_migrate: bool,
     },
     /// API and a worker in one process, on a database found without
-    /// configuration; prints a token and the docs URL.
+    /// configuration; prints a token and the docs URL. A throwaway cluster it
+    /// started is stopped on SIGINT, SIGTERM or SIGHUP (closing the terminal).
     Dev {
         #[command(flatten)]
         database: DatabaseArgs,
+        #[command(flatten)]
+        throwaway: runq_devtools::postgres::ThrowawayArgs,
         #[command(flatten)]
         api: ApiConfig,
         #[command(flatten)]
@@ -71,10 +74,14 @@ enum Command {
     },
     /// Submit a run through the API.
     Enqueue(client::EnqueueArgs),
-    /// Show a run and its steps.
+    /// Show a run, its steps and its failed attempts; the exit status says
+    /// how the run ended.
+    #[command(after_help = client::EXIT_CODES)]
     Status(client::StatusArgs),
-    /// Follow a run's events until it finishes.
-    Tail(client::StatusArgs),
+    /// Follow a run's events until it finishes; the exit status says how it
+    /// ended.
+    #[command(after_help = client::EXIT_CODES)]
+    Tail(client::TailArgs),
     /// Print the OpenAPI document (as committed in openapi/openapi.json).
     Openapi,
     /// The load tool: enqueue, drain and latency figures as one JSON line.
@@ -102,7 +109,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("runq: {err:#}");
             std::process::ExitCode::FAILURE
@@ -110,7 +117,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the exit status is 0 unless the command reports
+/// otherwise (`status` and `tail` report how the run ended).
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Api {
             database,
@@ -119,7 +128,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let pool = connect(&database, !no_migrate).await?;
             tracing::info!(listen = %api.listen, "api listening");
-            runq_api::serve(pool, &api, shutdown_signal().cancelled_owned())
+            runq_api::serve(pool, &api, shutdown_signal()?.cancelled_owned())
                 .await
                 .with_context(|| format!("serving on {}", api.listen))?;
         }
@@ -129,13 +138,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_migrate,
         } => {
             let pool = connect(&database, !no_migrate).await?;
-            Worker::new(pool, worker).run(shutdown_signal()).await?;
+            Worker::new(pool, worker).run(shutdown_signal()?).await?;
         }
         Command::Dev {
             database,
+            throwaway,
             api,
             worker,
-        } => dev(database, api, worker).await?,
+        } => dev(database, throwaway, api, worker).await?,
         Command::Migrate { database } => {
             let Some(url) = database.url.as_deref() else {
                 bail!("no database: set DATABASE_URL or pass --database-url");
@@ -156,12 +166,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
         }
         Command::Enqueue(args) => client::enqueue(args).await?,
-        Command::Status(args) => client::status(args).await?,
-        Command::Tail(args) => client::tail(args).await?,
+        Command::Status(args) => return client::status(args).await,
+        Command::Tail(args) => return client::tail(args).await,
         Command::Openapi => println!("{}", runq_api::spec()),
         Command::Bench(args) => bench::run(args).await?,
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Opens the pool for `database` and, if asked, applies migrations.
@@ -194,42 +204,56 @@ async fn create_database_for(url: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     admin.set_path("/postgres");
-    runq_shared::postgres::create_database(admin.as_str(), &name)
+    runq_devtools::postgres::create_database(admin.as_str(), &name)
         .await
         .with_context(|| format!("creating database '{name}'"))?;
     Ok(())
 }
 
-/// A token cancelled on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> CancellationToken {
+/// A token cancelled on the first SIGTERM, SIGINT or SIGHUP. SIGHUP (the
+/// terminal closed) must not kill the process outright: `runq dev` would
+/// leave its throwaway cluster running.
+///
+/// The handlers are installed before this returns, so a signal arriving
+/// any time after the call is caught, not acted on by its default action.
+fn shutdown_signal() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {
-        let terminate = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            }
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+            _ = hangup.recv() => "SIGHUP",
         };
-        tokio::select! {
-            _ = terminate => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutdown requested");
+        tracing::info!(signal = name, "shutdown requested");
         cancel.cancel();
     });
-    token
+    Ok(token)
 }
 
-async fn dev(database: DatabaseArgs, api: ApiConfig, worker: WorkerConfig) -> anyhow::Result<()> {
-    let picked = runq_shared::postgres::pick_database(database.url.as_deref(), "runq")
-        .await
-        .context("finding a database")?;
+async fn dev(
+    database: DatabaseArgs,
+    throwaway: runq_devtools::postgres::ThrowawayArgs,
+    api: ApiConfig,
+    worker: WorkerConfig,
+) -> anyhow::Result<()> {
+    // Before the cluster starts, so a signal during start-up still ends with
+    // the cluster stopped (when `picked` is dropped).
+    let shutdown = shutdown_signal()?;
+    let picked =
+        runq_devtools::postgres::pick_database(database.url.as_deref(), "runq", &throwaway)
+            .await
+            .context("finding a database")?;
+    if let Some(data_dir) = picked.throwaway_data_dir() {
+        tracing::info!(data_dir = %data_dir.display(), "throwaway cluster started");
+    }
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
     let pool = open_pool(&picked.url, &database, true).await?;
     let mut conn = pool.acquire().await?;
     let tenant = db::tenants::ensure(&mut conn, "dev").await?;
@@ -238,19 +262,18 @@ async fn dev(database: DatabaseArgs, api: ApiConfig, worker: WorkerConfig) -> an
     let listener = std::net::TcpListener::bind(&api.listen)
         .with_context(|| format!("binding {}", api.listen))?;
     let address = listener.local_addr()?;
+    // Every line after "paste" is a shell command that works as printed
+    // (the suite runs them), so a newcomer can copy the block whole.
     println!("runq dev is up");
     println!("  database  {} ({})", redact(&picked.url), picked.source);
     println!("  api       http://{address}/v1");
     println!("  docs      http://{address}/docs");
-    println!("  token     {token}");
     println!();
-    println!("try:");
-    println!(
-        "  curl -s -X POST http://{address}/v1/runs -H 'Authorization: Bearer {token}' \
-         -H 'Content-Type: application/json' \
-         -d '{{\"steps\":[{{\"name\":\"hello\",\"kind\":\"echo\",\"input\":{{\"greeting\":\"hi\"}}}}]}}'"
-    );
-    let shutdown = shutdown_signal();
+    println!("paste into another shell, in this repository:");
+    println!("export RUNQ_URL=http://{address}");
+    println!("export RUNQ_TOKEN={token}");
+    println!("{DEV_EXAMPLE}");
+    println!();
     let worker_task = tokio::spawn(Worker::new(pool.clone(), worker).run(shutdown.clone()));
     let served = runq_api::serve_on(listener, pool, &api, shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
@@ -260,6 +283,12 @@ async fn dev(database: DatabaseArgs, api: ApiConfig, worker: WorkerConfig) -> an
     drop(picked);
     Ok(())
 }
+
+/// What `runq dev` suggests running once `RUNQ_URL` and `RUNQ_TOKEN` are
+/// set: a run that needs nothing but runq, followed to its end.
+const DEV_EXAMPLE: &str = "\
+ID=$(cargo run -q -- enqueue --step 'echo:{\"greeting\":\"hi\"}' --step 'sleep:{\"ms\":500}')
+cargo run -q -- tail $ID";
 
 /// The URL without its password, for printing.
 pub(crate) fn redact(url: &str) -> String {

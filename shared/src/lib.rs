@@ -7,13 +7,11 @@
 //! - [`protocol`]: what a worker claims and hands back (leases, outcomes).
 //! - [`storable`]: whether a JSON value can be stored in `jsonb`.
 //! - [`config`]: clap-derived settings shared by the `runq` subcommands.
-//! - [`postgres`]: finding or starting a Postgres server without configuration.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod db;
 pub mod model;
-pub mod postgres;
 pub mod protocol;
 pub mod storable;
 

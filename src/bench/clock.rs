@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use runq_shared::db;
+use runq_devtools::bench_db;
 use sqlx::PgPool;
 
 /// Readings taken; the one with the shortest round trip is kept.
@@ -31,13 +31,13 @@ impl DbClock {
     pub async fn read(pool: &PgPool) -> anyhow::Result<Self> {
         let mut conn = pool.acquire().await.context("connecting")?;
         // The first query on a connection may pay for statement preparation.
-        db::bench::clock(&mut conn)
+        bench_db::clock(&mut conn)
             .await
             .context("reading the database clock")?;
         let mut best: Option<(std::time::Duration, DbClock)> = None;
         for _ in 0..SAMPLES {
             let before = Instant::now();
-            let db_now = db::bench::clock(&mut conn)
+            let db_now = bench_db::clock(&mut conn)
                 .await
                 .context("reading the database clock")?;
             let round_trip = before.elapsed();

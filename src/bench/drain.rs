@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use runq_shared::db;
+use runq_devtools::bench_db;
 use serde::Serialize;
 
 use super::clock::DbClock;
@@ -58,7 +58,7 @@ pub async fn run(
 }
 
 async fn succeeded(conn: &mut sqlx::PgConnection) -> anyhow::Result<u64> {
-    let succeeded = db::bench::runs_succeeded_count(conn, QUEUE)
+    let succeeded = bench_db::runs_succeeded_count(conn, QUEUE)
         .await
         .context("counting succeeded runs")?;
     Ok(u64::try_from(succeeded).unwrap_or(0))
@@ -73,7 +73,7 @@ async fn drain(harness: &Harness, n: u64, concurrency: usize) -> anyhow::Result<
     filling.finish();
     super::check_count(harness, n, "drain").await?;
     let mut conn = harness.pool.acquire().await.context("connecting")?;
-    db::bench::analyze(&mut conn)
+    bench_db::analyze(&mut conn)
         .await
         .context("analyzing the run tables")?;
 
@@ -87,7 +87,7 @@ async fn drain(harness: &Harness, n: u64, concurrency: usize) -> anyhow::Result<
     let mut counted_at = Instant::now();
     let elapsed = loop {
         tick.tick().await;
-        let unfinished = db::bench::runs_unfinished(&mut conn, QUEUE)
+        let unfinished = bench_db::runs_unfinished(&mut conn, QUEUE)
             .await
             .context("checking for unfinished runs")?;
         if !unfinished {
@@ -115,7 +115,7 @@ async fn drain(harness: &Harness, n: u64, concurrency: usize) -> anyhow::Result<
     }
     bar.set(n);
     bar.finish();
-    let first_start = db::bench::runs_first_started_at(&mut conn, QUEUE)
+    let first_start = bench_db::runs_first_started_at(&mut conn, QUEUE)
         .await
         .context("reading when the first run started")?
         .context("all runs succeeded but none has a start time")?;

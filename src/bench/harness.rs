@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use runq_devtools::bench_db;
 use runq_shared::config::{ApiConfig, DatabaseArgs};
 use runq_shared::{db, CreateRun, NewRun, NewStep, TenantId};
 use serde_json::json;
@@ -62,7 +63,7 @@ impl Harness {
             .context("parsing the database URL")?;
         db::migrate(&pool).await.context("applying migrations")?;
         let mut conn = pool.acquire().await.context("connecting")?;
-        if db::bench::runs_outside_queue(&mut conn, QUEUE)
+        if bench_db::runs_outside_queue(&mut conn, QUEUE)
             .await
             .context("looking for other queues' runs")?
         {
@@ -71,7 +72,7 @@ impl Harness {
                  tables, so give it a database of its own (--database-url)"
             );
         }
-        db::bench::reset(&mut conn)
+        bench_db::reset(&mut conn)
             .await
             .context("emptying the run tables")?;
         let tenant = db::tenants::ensure(&mut conn, "bench")
@@ -110,7 +111,7 @@ impl Harness {
     /// Database errors.
     pub async fn reset(&self) -> anyhow::Result<()> {
         let mut conn = self.pool.acquire().await.context("connecting")?;
-        db::bench::reset(&mut conn)
+        bench_db::reset(&mut conn)
             .await
             .context("emptying the run tables")
     }

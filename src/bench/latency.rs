@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use runq_shared::{db, RunId};
+use runq_devtools::bench_db;
+use runq_shared::RunId;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
@@ -69,7 +70,7 @@ pub async fn run(harness: &Harness) -> anyhow::Result<LatencyReport> {
 
     let ids: Vec<RunId> = sent.iter().map(|(id, _)| *id).collect();
     let mut conn = harness.pool.acquire().await.context("connecting")?;
-    let started: HashMap<RunId, _> = db::bench::runs_started_at(&mut conn, &ids)
+    let started: HashMap<RunId, _> = bench_db::runs_started_at(&mut conn, &ids)
         .await
         .context("reading when the runs started")?
         .into_iter()
@@ -147,7 +148,7 @@ async fn wait_succeeded(
     let deadline = Instant::now() + FINISH_TIMEOUT;
     let mut conn = harness.pool.acquire().await.context("connecting")?;
     loop {
-        let succeeded = db::bench::runs_succeeded_count(&mut conn, QUEUE)
+        let succeeded = bench_db::runs_succeeded_count(&mut conn, QUEUE)
             .await
             .context("counting succeeded runs")?;
         if u64::try_from(succeeded).unwrap_or(0) >= count {

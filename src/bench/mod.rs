@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
+use runq_devtools::bench_db;
 use runq_shared::config::DatabaseArgs;
-use runq_shared::db;
 use serde::Serialize;
 
 use self::harness::Harness;
@@ -126,9 +126,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     validate(&args)?;
     let settings = settings(&args);
     let progress = Progress::new();
-    let picked = runq_shared::postgres::pick_database(args.database.url.as_deref(), "runq_bench")
-        .await
-        .context("finding a database")?;
+    let picked = runq_devtools::postgres::pick_database(
+        args.database.url.as_deref(),
+        "runq_bench",
+        &runq_devtools::postgres::ThrowawayArgs::default(),
+    )
+    .await
+    .context("finding a database")?;
     progress.note(format_args!(
         "database: {} ({})",
         crate::redact(&picked.url),
@@ -300,7 +304,7 @@ fn per_second(jobs: u64, elapsed: Duration) -> u64 {
 /// counts if every run it timed was really inserted.
 async fn check_count(harness: &Harness, expected: u64, what: &str) -> anyhow::Result<()> {
     let mut conn = harness.pool.acquire().await.context("connecting")?;
-    let count = db::bench::runs_count(&mut conn, QUEUE)
+    let count = bench_db::runs_count(&mut conn, QUEUE)
         .await
         .context("counting runs")?;
     if u64::try_from(count).ok() != Some(expected) {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use runq_devtools::bench_db;
 use runq_shared::config::DatabaseArgs;
-use runq_shared::db;
 use sqlx::PgPool;
 
 use super::QUEUE;
@@ -126,7 +126,7 @@ impl WorkerProcess {
         let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
         let mut conn = pool.acquire().await.context("connecting")?;
         loop {
-            if db::bench::workers_running_with_pid(&mut conn, self.pid)
+            if bench_db::workers_running_with_pid(&mut conn, self.pid)
                 .await
                 .context("looking for the worker's registration")?
             {

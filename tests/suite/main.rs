@@ -5,7 +5,9 @@ mod support;
 
 mod api;
 mod claim;
+mod cli;
 mod contract;
+mod dev;
 mod events;
 mod execution;
 mod faults;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub mod bench;
 pub mod events;
 pub mod outbox;
 pub mod runs;

@@ -15,9 +15,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use runq_devtools::postgres::{Durability, LocalCluster};
 use runq_shared::config::{ApiConfig, WorkerConfig};
 use runq_shared::db::{self, MIGRATOR};
-use runq_shared::postgres::{Durability, LocalCluster};
 use runq_shared::{CreateRun, NewRun, NewStep, Run, TenantId};
 use runq_worker::Worker;
 use serde_json::Value;
@@ -313,6 +313,24 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The variable that turns a skipped test into a failure. CI sets it so a
+/// machine lacking a tool a test needs fails instead of passing quietly.
+pub const STRICT_VAR: &str = "RUNQ_TEST_STRICT";
+
+/// For a test that cannot run here because of `why` (a missing tool): says
+/// so on stderr and returns, so the test passes as skipped; panics instead
+/// when `RUNQ_TEST_STRICT=1`.
+///
+/// # Panics
+///
+/// When `RUNQ_TEST_STRICT=1`.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var(STRICT_VAR).is_ok_and(|value| value == "1") {
+        panic!("{why} ({STRICT_VAR}=1 makes a skip a failure)");
+    }
+    eprintln!("skipped: {why} (set {STRICT_VAR}=1 to fail instead)");
 }
 
 /// Worker settings for tests: quick polls, quick retries, short grace.

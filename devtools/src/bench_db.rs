@@ -1,12 +1,14 @@
 //! The statements of the load tool (`runq bench`): emptying the run tables
 //! between phases, and reading back what the workers did, on the database's
-//! clock. Nothing here runs in production paths.
+//! clock. Nothing here runs in production paths, which is why it lives in
+//! runq-devtools rather than with the service's SQL in runq-shared. The
+//! statements are checked at compile time against the workspace's `.sqlx/`
+//! like every other query.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::DbError;
-use crate::model::RunId;
+use runq_shared::{DbError, RunId};
 
 /// Empties `runs`, `run_steps`, `run_events` and `outbox` so a phase starts
 /// from an empty queue with no dead tuples left by the previous one. Tenants,

@@ -4,8 +4,16 @@
 //! Used by `runq dev`, `runq bench` and the test harness. Order: the URL the
 //! caller was given (`DATABASE_URL`), else a server on 127.0.0.1:5432, else a
 //! cluster started here from `initdb`/`postgres` found on PATH or under
-//! `/usr/lib/postgresql/*/bin`. Postgres refuses to run as root, so when this
-//! process is root the cluster runs as the `postgres` user.
+//! `/usr/lib/postgresql/*/bin` (`--throwaway-postgres` goes straight there).
+//! Postgres refuses to run as root, so when this process is root the cluster
+//! runs as the `postgres` user.
+//!
+//! A throwaway cluster is stopped and deleted when its [`PickedDatabase`] is
+//! dropped (`runq dev` exits on SIGINT, SIGTERM or SIGHUP). `pg_ctl` detaches
+//! the server from our process group, so a `runq dev` killed outright leaves
+//! it running; each cluster therefore lives in a slot guarded by a file lock,
+//! and the next `runq dev` stops whatever server it finds in a slot nobody
+//! holds (see [`ThrowawayArgs`]).
 
 use std::fs;
 use std::net::TcpListener;
@@ -184,6 +192,19 @@ impl LocalCluster {
         port_open(self.port)
     }
 
+    /// Whether the postmaster recorded in the data directory's
+    /// `postmaster.pid` is alive (`pg_ctl status`), whatever answers on the
+    /// port.
+    pub fn postmaster_running(&self) -> bool {
+        self.run(
+            Command::new(self.bin_dir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data_dir)
+                .arg("status"),
+        )
+        .is_ok()
+    }
+
     /// Stops the server (fast shutdown: clients are disconnected).
     ///
     /// # Errors
@@ -282,6 +303,62 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Settings of the throwaway cluster (`runq dev`'s options; `runq bench` and
+/// the benches use the defaults).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ThrowawayArgs {
+    /// Start a throwaway cluster from local Postgres binaries even when
+    /// DATABASE_URL is set or a server answers on 127.0.0.1:5432.
+    #[arg(
+        long = "throwaway-postgres",
+        env = "RUNQ_DEV_THROWAWAY",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub force: bool,
+    /// Where throwaway clusters live, one numbered slot each [default:
+    /// $TMPDIR/runq-dev-<uid>]. A slot left by a process that was killed is
+    /// found here, and its server stopped, by the next one.
+    #[arg(long = "throwaway-dir", env = "RUNQ_DEV_DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+impl ThrowawayArgs {
+    /// The directory holding the slots.
+    fn base_dir(&self) -> PathBuf {
+        match &self.dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let user = current_uid().map_or_else(|| "unknown".to_owned(), |u| u.to_string());
+                std::env::temp_dir().join(format!("runq-dev-{user}"))
+            }
+        }
+    }
+}
+
+fn current_uid() -> Option<u32> {
+    let output = Command::new("id").arg("-u").output().ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&output.stdout).trim().parse().ok()
+}
+
+/// A throwaway cluster and the slot it occupies.
+///
+/// The slot is `base/<n>` with the lock file `base/<n>.lock` beside it. The
+/// owning process holds an exclusive `flock` on the lock file for as long as
+/// it uses the cluster. The kernel releases the lock when the process dies,
+/// however it dies, while the server (detached by `pg_ctl`) keeps running:
+/// so a slot whose lock can be taken but whose server runs was left by a
+/// killed process, and nobody else can be using that server.
+#[derive(Debug)]
+struct Throwaway {
+    cluster: LocalCluster,
+    dir: PathBuf,
+    /// Held (locked) until dropped, after the cluster is stopped.
+    _lock: fs::File,
+}
+
 /// A database picked without configuration, and the cluster started for it
 /// (if one was), which lives as long as this value.
 #[derive(Debug)]
@@ -290,16 +367,29 @@ pub struct PickedDatabase {
     pub url: String,
     /// Where it came from, for people: `DATABASE_URL`, `local`, `throwaway`.
     pub source: &'static str,
-    cluster: Option<(LocalCluster, PathBuf)>,
+    throwaway: Option<Throwaway>,
+}
+
+impl PickedDatabase {
+    /// The throwaway cluster's data directory, when one was started.
+    pub fn throwaway_data_dir(&self) -> Option<&Path> {
+        self.throwaway
+            .as_ref()
+            .map(|throwaway| throwaway.cluster.data_dir.as_path())
+    }
 }
 
 impl Drop for PickedDatabase {
     fn drop(&mut self) {
-        if let Some((cluster, dir)) = self.cluster.take() {
-            if let Err(err) = cluster.stop() {
-                tracing::warn!(error = %err, "could not stop the throwaway cluster");
+        if let Some(throwaway) = self.throwaway.take() {
+            match throwaway.cluster.stop() {
+                Ok(()) => {
+                    let _ = fs::remove_dir_all(&throwaway.dir);
+                    tracing::info!(dir = %throwaway.dir.display(), "throwaway cluster stopped and removed");
+                }
+                // Left in place: the next run finds the slot and stops it.
+                Err(err) => tracing::warn!(error = %err, "could not stop the throwaway cluster"),
             }
-            let _ = fs::remove_dir_all(dir);
         }
     }
 }
@@ -307,49 +397,172 @@ impl Drop for PickedDatabase {
 /// Picks a database the way `runq dev` does: `url` if given, else database
 /// `name` on a Postgres at 127.0.0.1:5432 (created if missing), else database
 /// `name` on a throwaway cluster started from local binaries (stopped and
-/// deleted when the returned value is dropped).
+/// deleted when the returned value is dropped). `throwaway.force` skips the
+/// first two.
 ///
 /// # Errors
 ///
 /// No server at 5432 and no local binaries, or creating the database failed.
-pub async fn pick_database(url: Option<&str>, name: &str) -> Result<PickedDatabase, PostgresError> {
-    if let Some(url) = url {
-        return Ok(PickedDatabase {
-            url: url.to_owned(),
-            source: "DATABASE_URL",
-            cluster: None,
-        });
-    }
-    if port_open(5432) {
-        let users = [
-            "postgres".to_owned(),
-            std::env::var("USER").unwrap_or_default(),
-        ];
-        for user in users.iter().filter(|u| !u.is_empty()) {
-            let server = format!("postgres://{user}@127.0.0.1:5432");
-            if create_database(&format!("{server}/postgres"), name)
-                .await
-                .is_ok()
-            {
-                return Ok(PickedDatabase {
-                    url: format!("{server}/{name}"),
-                    source: "local",
-                    cluster: None,
-                });
+pub async fn pick_database(
+    url: Option<&str>,
+    name: &str,
+    throwaway: &ThrowawayArgs,
+) -> Result<PickedDatabase, PostgresError> {
+    if !throwaway.force {
+        if let Some(url) = url {
+            return Ok(PickedDatabase {
+                url: url.to_owned(),
+                source: "DATABASE_URL",
+                throwaway: None,
+            });
+        }
+        if port_open(5432) {
+            let users = [
+                "postgres".to_owned(),
+                std::env::var("USER").unwrap_or_default(),
+            ];
+            for user in users.iter().filter(|u| !u.is_empty()) {
+                let server = format!("postgres://{user}@127.0.0.1:5432");
+                if create_database(&format!("{server}/postgres"), name)
+                    .await
+                    .is_ok()
+                {
+                    return Ok(PickedDatabase {
+                        url: format!("{server}/{name}"),
+                        source: "local",
+                        throwaway: None,
+                    });
+                }
             }
         }
     }
-    let dir = std::env::temp_dir().join(format!("runq-pg-{}", std::process::id()));
+    let (dir, lock) = claim_slot(&throwaway.base_dir())?;
     let cluster = LocalCluster::start(&dir, Durability::Full)?;
     let picked = PickedDatabase {
         url: cluster.url(name),
         source: "throwaway",
-        cluster: Some((cluster, dir)),
+        throwaway: Some(Throwaway {
+            cluster,
+            dir,
+            _lock: lock,
+        }),
     };
-    if let Some((cluster, _)) = &picked.cluster {
-        create_database(&cluster.url("postgres"), name).await?;
+    if let Some(throwaway) = &picked.throwaway {
+        create_database(&throwaway.cluster.url("postgres"), name).await?;
     }
     Ok(picked)
+}
+
+/// Takes the first free slot under `base`, returning its (empty) directory
+/// and its held lock. On the way, every slot no live process holds is
+/// cleaned: a server left running there by a killed process is stopped and
+/// its directory removed.
+fn claim_slot(base: &Path) -> Result<(PathBuf, fs::File), PostgresError> {
+    fs::create_dir_all(base).map_err(io_err(base))?;
+    let mut slots: Vec<u32> = fs::read_dir(base)
+        .map_err(io_err(base))?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name();
+            let name = name.to_str()?;
+            name.strip_suffix(".lock").unwrap_or(name).parse().ok()
+        })
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let mut chosen = None;
+    let next = slots.last().map_or(0, |last| last + 1);
+    // Existing slots first, then new ones until one is ours (another process
+    // may create the same new slot at the same moment).
+    for slot in slots.into_iter().chain(next..) {
+        if chosen.is_some() && slot >= next {
+            break;
+        }
+        let lock_path = base.join(format!("{slot}.lock"));
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => continue,
+            Err(fs::TryLockError::Error(source)) => {
+                return Err(PostgresError::Io {
+                    path: lock_path.display().to_string(),
+                    source,
+                })
+            }
+        }
+        let dir = base.join(slot.to_string());
+        clean_leftover(&dir)?;
+        if chosen.is_none() {
+            chosen = Some((dir, lock));
+        }
+    }
+    chosen.ok_or_else(|| PostgresError::Command {
+        command: format!("claiming a slot under {}", base.display()),
+        detail: "no slot could be locked".to_owned(),
+    })
+}
+
+/// Cleans every slot under `base` that no live process holds (see
+/// [`ThrowawayArgs`]): stops the server a killed process left running there
+/// and removes its directory. Returns how many slots were cleaned.
+///
+/// # Errors
+///
+/// A lock file cannot be opened, `pg_ctl stop` fails, or a directory cannot
+/// be removed.
+pub fn clean_leftovers(base: &Path) -> Result<usize, PostgresError> {
+    let Ok(entries) = fs::read_dir(base) else {
+        return Ok(0);
+    };
+    let mut cleaned = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let lock_path = path.with_extension("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        if lock.try_lock().is_ok() {
+            clean_leftover(&path)?;
+            cleaned += 1;
+        }
+    }
+    Ok(cleaned)
+}
+
+/// Stops the server a killed process left running in slot directory `dir`
+/// (the caller holds the slot's lock, so no live process uses it) and
+/// removes the directory.
+fn clean_leftover(dir: &Path) -> Result<(), PostgresError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let data_dir = dir.join("data");
+    if data_dir.join("postmaster.pid").is_file() {
+        let cluster = LocalCluster {
+            bin_dir: find_binaries().ok_or(PostgresError::NoBinaries)?,
+            run_as: postgres_user()?,
+            port: 0,
+            data_dir,
+        };
+        if cluster.postmaster_running() {
+            cluster.stop()?;
+            tracing::info!(
+                dir = %dir.display(),
+                "stopped a throwaway cluster left running by a runq process that was killed"
+            );
+        }
+    }
+    fs::remove_dir_all(dir).map_err(io_err(dir))
 }
 
 /// Creates database `name` through the server at `admin_url` unless it exists.
