@@ -52,12 +52,16 @@ fn add_extra_schemas(document: &mut Value) {
 ///   Without it generated clients refuse the API's own answers. A `$ref`
 ///   cannot carry siblings in 3.0, so a nullable one is wrapped in a
 ///   one-element `allOf`, the form both generators read as "this or null".
+/// - Request bodies refuse unknown fields (`deny_unknown_fields` on every
+///   body type), which the schemas of bodies and of the objects inside them
+///   state as `additionalProperties: false`.
 /// - `webhooks` is a 3.1 keyword, so the document carries none: the outbox
 ///   event is a component schema instead (see [`add_extra_schemas`]).
 pub(crate) fn portable(document: &mut Value) {
     if let Some(top) = document.as_object_mut() {
         top.remove("webhooks");
     }
+    close_request_bodies(document);
     // Before the `$ref`s lose their wrappers, which carry the defaults.
     if let Some(schemas) = document
         .pointer_mut("/components/schemas")
@@ -68,6 +72,68 @@ pub(crate) fn portable(document: &mut Value) {
         }
     }
     plain_refs(document);
+}
+
+/// Marks the schemas request bodies use, and those they contain,
+/// `additionalProperties: false`.
+fn close_request_bodies(document: &mut Value) {
+    let mut pending: Vec<String> = Vec::new();
+    if let Some(paths) = document.get("paths").and_then(Value::as_object) {
+        for operation in paths
+            .values()
+            .filter_map(Value::as_object)
+            .flat_map(|m| m.values())
+        {
+            if let Some(content) = operation
+                .pointer("/requestBody/content")
+                .and_then(Value::as_object)
+            {
+                pending.extend(
+                    content
+                        .values()
+                        .filter_map(|media| schema_name(&media["schema"])),
+                );
+            }
+        }
+    }
+    let mut closed = std::collections::BTreeSet::new();
+    while let Some(name) = pending.pop() {
+        if !closed.insert(name.clone()) {
+            continue;
+        }
+        let Some(schema) = document.pointer_mut(&format!("/components/schemas/{name}")) else {
+            continue;
+        };
+        if schema.get("type").and_then(Value::as_str) != Some("object") {
+            continue;
+        }
+        let inner: Vec<String> = schema
+            .get("properties")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|properties| properties.values())
+            .filter_map(|property| {
+                schema_name(property).or_else(|| schema_name(property.get("items")?))
+            })
+            .collect();
+        pending.extend(inner);
+        if let Some(schema) = schema.as_object_mut() {
+            schema.insert("additionalProperties".to_owned(), Value::Bool(false));
+        }
+    }
+}
+
+/// The component a schema refers to (`$ref`, or an `allOf` of one).
+fn schema_name(schema: &Value) -> Option<String> {
+    let reference = schema
+        .get("$ref")
+        .or_else(|| schema.get("allOf")?.get(0)?.get("$ref"))?;
+    Some(
+        reference
+            .as_str()?
+            .strip_prefix("#/components/schemas/")?
+            .to_owned(),
+    )
 }
 
 /// Replaces every `allOf` whose first member is a `$ref` by that `$ref`, or

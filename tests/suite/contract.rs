@@ -65,6 +65,37 @@ fn spec_describes_every_payload() {
     );
 }
 
+/// The spec says a body refuses unknown fields exactly where serde does:
+/// `additionalProperties: false` marks the request body types and the
+/// objects inside them, and each of those is `deny_unknown_fields`.
+#[test]
+fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
+    fn refuses<T: DeserializeOwned>() -> bool {
+        serde_json::from_value::<T>(json!({ "surely_not_a_field": 1 }))
+            .err()
+            .is_some_and(|e| e.to_string().contains("unknown field"))
+    }
+    let spec: Value = serde_json::from_str(&runq_api::spec()).expect("spec parses");
+    let schemas = spec["components"]["schemas"].as_object().expect("schemas");
+    let closed: Vec<&str> = schemas
+        .iter()
+        .filter(|(_, schema)| schema["additionalProperties"] == json!(false))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(closed, ["CreateRun", "CreateRuns", "NewStep", "RetryRuns"]);
+    for (name, refused) in [
+        ("CreateRun", refuses::<CreateRun>()),
+        ("CreateRuns", refuses::<runq_shared::CreateRuns>()),
+        ("NewStep", refuses::<NewStep>()),
+        ("RetryRuns", refuses::<runq_shared::RetryRuns>()),
+    ] {
+        assert!(
+            refused,
+            "{name} is closed in the spec but serde takes unknown fields"
+        );
+    }
+}
+
 fn agree<T: Serialize + DeserializeOwned + ToJSON + ParseFromJSON + PartialEq + std::fmt::Debug>(
     value: T,
 ) {
