@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod claim;
+mod clients;
 mod contract;
 mod execution;
 mod faults;
