@@ -7,7 +7,7 @@ use runq_shared::db::runs::{self, RunFilter};
 use runq_shared::db::{events, steps};
 use runq_shared::{
     CreateRun, CreateRuns, CreatedRuns, EventPage, NewRun, RetriedRuns, RetryRuns, Run, RunDetail,
-    RunPage, RunStatus, MAX_BATCH, MAX_NAME_LEN, MAX_STEPS,
+    RunPage, RunStatus, MAX_BATCH, MAX_STEPS,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -40,6 +40,9 @@ pub enum CreateRunsResponse {
     #[oai(status = 201)]
     Created(Json<CreatedRuns>),
 }
+
+/// The header that makes `POST /v1/runs` idempotent.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// The runs endpoints.
 pub struct RunsApi {
@@ -82,21 +85,23 @@ impl RunsApi {
     async fn create(
         &self,
         auth: TenantAuth,
+        request: &poem::Request,
         body: ApiJson<CreateRun>,
-        /// Repeating a request with the same key returns the first run: 1 to
-        /// 255 bytes.
-        #[oai(name = "Idempotency-Key", validator(min_length = 1, max_length = 255))]
+        /// Repeating a request with the same key returns the first run:
+        /// printable ASCII (so characters are bytes), 1 to 255 of them.
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*$")
+        )]
         idempotency_key: Header<Option<String>>,
     ) -> Result<CreateRunResponse, ApiError> {
         let run = body.0;
-        if let Some(key) = idempotency_key.0.as_deref() {
-            // The validator counts characters; the limit is in bytes.
-            if key.len() > MAX_NAME_LEN {
-                return Err(ApiError::BadRequest(format!(
-                    "header Idempotency-Key must be 1 to {MAX_NAME_LEN} bytes, got {}",
-                    key.len()
-                )));
-            }
+        // poem-openapi reads a header it cannot decode as ASCII as absent:
+        // such a key would be ignored and a retry would create a second run.
+        if idempotency_key.0.is_none() && request.headers().contains_key(IDEMPOTENCY_KEY) {
+            return Err(ApiError::BadRequest(
+                "header Idempotency-Key must be printable ASCII".to_owned(),
+            ));
         }
         check_run(&run, "", &self.step_kinds)?;
         let new = NewRun {

@@ -574,6 +574,21 @@ async fn bad_run_bodies_get_problems_and_change_nothing() {
         .await
         .expect("send");
     problem(key, StatusCode::BAD_REQUEST).await;
+    // A key poem cannot read as text must not be silently dropped.
+    let unreadable = f
+        .client
+        .post(f.url("/v1/runs"))
+        .bearer_auth(&f.token)
+        .header(
+            "Idempotency-Key",
+            reqwest::header::HeaderValue::from_bytes("clé-ü".as_bytes()).expect("obs-text"),
+        )
+        .json(&run_body())
+        .send()
+        .await
+        .expect("send");
+    let p = problem(unreadable, StatusCode::BAD_REQUEST).await;
+    assert_eq!(p.detail, "header Idempotency-Key must be printable ASCII");
     assert_eq!(f.runs_in_db().await, 0, "no bad body inserted anything");
 }
 
