@@ -15,7 +15,8 @@ const RETRY_AFTER_SECONDS: &str = "1";
 /// Everything a request can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
-    /// The request is malformed (bad JSON, wrong types, bad header).
+    /// The request is malformed: the body is not JSON, or a path, query or
+    /// header parameter does not fit its schema.
     #[error("{0}")]
     BadRequest(String),
     /// No valid bearer token.
@@ -33,7 +34,8 @@ pub enum ApiError {
     /// The body is larger than the server accepts.
     #[error("request body exceeds {0} bytes")]
     PayloadTooLarge(usize),
-    /// The body is well-formed but its values are refused.
+    /// The body is JSON but does not fit its schema (a missing, unknown or
+    /// mistyped field, a value out of range), or its values are refused.
     #[error("{0}")]
     Unprocessable(String),
     /// The database cannot be reached right now.
@@ -183,13 +185,20 @@ impl IntoResponse for ApiError {
 const PROBLEM_STATUSES: [(u16, &str); 8] = [
     (
         400,
-        "Malformed request: bad JSON, wrong types or a bad header",
+        "Malformed request: the body is not JSON (or not sent as `application/json`), \
+         or a path, query or header parameter does not fit its schema; `detail` names \
+         the parameter as in the URL",
     ),
     (401, "Missing or invalid bearer token"),
     (404, "No such resource for this tenant"),
     (409, "The run's status forbids the operation"),
     (413, "The body is too large"),
-    (422, "The body's values are refused"),
+    (
+        422,
+        "The body is JSON but does not fit its schema (a missing, unknown or mistyped \
+         field, a value out of range) or its values are refused; `detail` names the \
+         field by its path in the body, such as `steps[0].kind`",
+    ),
     (
         503,
         "The database is unavailable; retry after `Retry-After` seconds",

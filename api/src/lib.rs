@@ -6,8 +6,11 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod body;
 pub mod error;
+mod params;
 pub mod runs;
+mod spec;
 
 use poem::listener::TcpListener;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, Server};
@@ -18,6 +21,7 @@ use sqlx::PgPool;
 use tokio::io::AsyncReadExt;
 
 use crate::error::ApiError;
+use crate::params::{Asked, Parameters};
 use crate::runs::RunsApi;
 
 /// A future that resolves when the server should stop.
@@ -57,22 +61,7 @@ impl HealthApi {
     }
 }
 
-/// Payloads runq sends to other services, described as OpenAPI webhooks.
-#[poem_openapi::Webhook]
-#[allow(dead_code)]
-trait Outgoing: Sync {
-    /// Outbox event
-    ///
-    /// One per state change of a run, written in the transaction of the
-    /// change; relays deliver them in `id` order.
-    #[oai(name = "run.event", method = "post")]
-    fn run_event(&self, event: poem_openapi::payload::Json<runq_shared::OutboxEvent>);
-}
-
-fn service(
-    pool: PgPool,
-    config: &ApiConfig,
-) -> OpenApiService<(RunsApi, HealthApi), &'static dyn Outgoing> {
+fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<(RunsApi, HealthApi), ()> {
     let runs = RunsApi {
         pool: pool.clone(),
         step_kinds: config.step_kinds.clone(),
@@ -88,7 +77,6 @@ fn service(
              application/problem+json documents.",
     )
     .license("Apache-2.0")
-    .webhooks::<&dyn Outgoing>()
 }
 
 /// The OpenAPI document the API serves at `/openapi.json`, as committed in
@@ -108,36 +96,15 @@ pub fn spec() -> String {
         .min_connections(0)
         .connect_lazy("postgres://localhost/spec")
         .expect("a constant URL parses");
-    with_extra_schemas(&service(pool, &config).spec())
-}
-
-/// Adds the payloads that cross a process boundary outside the HTTP API (the
-/// step envelope an `http` step POSTs) to the document's components, so the
-/// spec describes every contract.
-fn with_extra_schemas(spec: &str) -> String {
-    let mut registry = poem_openapi::registry::Registry::new();
-    <runq_shared::StepInput as poem_openapi::types::Type>::register(&mut registry);
-    let Ok(mut document) = serde_json::from_str::<serde_json::Value>(spec) else {
-        return spec.to_owned();
-    };
-    if let Some(schemas) = document
-        .pointer_mut("/components/schemas")
-        .and_then(|s| s.as_object_mut())
-    {
-        for (name, schema) in registry.schemas {
-            if let Ok(schema) = serde_json::to_value(schema) {
-                schemas.entry(name).or_insert(schema);
-            }
-        }
-    }
-    serde_json::to_string_pretty(&document).unwrap_or_else(|_| spec.to_owned())
+    spec::finish(&service(pool, &config).spec())
 }
 
 /// The whole application: routes, docs, body limit and problem+json errors.
 pub fn app(pool: PgPool, config: &ApiConfig) -> impl Endpoint {
     let api = service(pool.clone(), config);
     let docs = api.swagger_ui();
-    let document = with_extra_schemas(&api.spec());
+    let document = spec::finish(&api.spec());
+    let parameters = std::sync::Arc::new(Parameters::new(&document));
     let spec = poem::endpoint::make_sync(move |_| {
         poem::Response::builder()
             .content_type("application/json")
@@ -149,7 +116,22 @@ pub fn app(pool: PgPool, config: &ApiConfig) -> impl Endpoint {
         .at("/openapi.json", spec)
         .nest("/docs", docs)
         .data(pool)
-        .around(move |endpoint, request| limit_body(endpoint, request, max_body))
+        .around(move |endpoint, request| {
+            let parameters = parameters.clone();
+            async move {
+                let asked = Asked {
+                    method: request.method().clone(),
+                    path: request.uri().path().to_owned(),
+                    query: request.uri().query().map(str::to_owned),
+                };
+                limit_body(endpoint, request, max_body)
+                    .await
+                    .map_err(|err| match parameters.explain(&err, &asked) {
+                        Some(explained) => explained.into(),
+                        None => err,
+                    })
+            }
+        })
         .catch_all_error(
             |err: poem::Error| async move { ApiError::from_poem(&err).into_response() },
         )

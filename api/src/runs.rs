@@ -7,12 +7,13 @@ use runq_shared::db::runs::{self, RunFilter};
 use runq_shared::db::{events, steps};
 use runq_shared::{
     CreateRun, CreateRuns, CreatedRuns, EventPage, NewRun, RetriedRuns, RetryRuns, Run, RunDetail,
-    RunPage, RunStatus, MAX_BATCH, MAX_NAME_LEN,
+    RunPage, RunStatus, MAX_BATCH, MAX_STEPS,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::auth::TenantAuth;
+use crate::body::ApiJson;
 use crate::error::ApiError;
 
 #[derive(Tags)]
@@ -40,6 +41,9 @@ pub enum CreateRunsResponse {
     Created(Json<CreatedRuns>),
 }
 
+/// The header that makes `POST /v1/runs` idempotent.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 /// The runs endpoints.
 pub struct RunsApi {
     pub(crate) pool: PgPool,
@@ -47,19 +51,27 @@ pub struct RunsApi {
     pub(crate) step_kinds: Vec<String>,
 }
 
-/// Most runs or events one page returns.
-const MAX_PAGE: u32 = 500;
-
-fn page_size(limit: Option<u32>, default: u32) -> Result<i64, ApiError> {
-    match limit.unwrap_or(default) {
-        0 => Err(ApiError::BadRequest(format!(
-            "limit must be 1 to {MAX_PAGE}, got 0"
-        ))),
-        n if n > MAX_PAGE => Err(ApiError::BadRequest(format!(
-            "limit must be 1 to {MAX_PAGE}, got {n}"
-        ))),
-        n => Ok(i64::from(n)),
+/// Checks `run` (at `path` in the body, `""` for the body itself) beyond
+/// its schema: sizes in bytes, ranges, step kinds. Messages name the field by
+/// its path in the body (`runs[3].steps`).
+fn check_run(run: &CreateRun, path: &str, step_kinds: &[String]) -> Result<(), ApiError> {
+    let at = |field: &str| match path {
+        "" => field.to_owned(),
+        path => format!("{path}.{field}"),
+    };
+    // Checked here too so the message carries the path; `validate` words it
+    // without one.
+    if run.steps.is_empty() || run.steps.len() > MAX_STEPS {
+        return Err(ApiError::Unprocessable(format!(
+            "{} must hold 1 to {MAX_STEPS} steps, got {}",
+            at("steps"),
+            run.steps.len()
+        )));
     }
+    run.validate(Some(step_kinds)).map_err(|e| match path {
+        "" => ApiError::Unprocessable(e.0),
+        path => ApiError::Unprocessable(format!("{path}: {}", e.0)),
+    })
 }
 
 #[OpenApi(prefix_path = "/v1", tag = "Tag::Runs")]
@@ -73,20 +85,25 @@ impl RunsApi {
     async fn create(
         &self,
         auth: TenantAuth,
-        body: Json<CreateRun>,
-        #[oai(name = "Idempotency-Key")] idempotency_key: Header<Option<String>>,
+        request: &poem::Request,
+        body: ApiJson<CreateRun>,
+        /// Repeating a request with the same key returns the first run:
+        /// printable ASCII (so characters are bytes), 1 to 255 of them.
+        #[oai(
+            name = "Idempotency-Key",
+            validator(min_length = 1, max_length = 255, pattern = r"^[\x20-\x7E]*$")
+        )]
+        idempotency_key: Header<Option<String>>,
     ) -> Result<CreateRunResponse, ApiError> {
         let run = body.0;
-        run.validate(Some(&self.step_kinds))
-            .map_err(|e| ApiError::Unprocessable(e.0))?;
-        if let Some(key) = idempotency_key.0.as_deref() {
-            if key.is_empty() || key.len() > MAX_NAME_LEN {
-                return Err(ApiError::BadRequest(format!(
-                    "Idempotency-Key must be 1 to {MAX_NAME_LEN} bytes, got {}",
-                    key.len()
-                )));
-            }
+        // poem-openapi reads a header it cannot decode as ASCII as absent:
+        // such a key would be ignored and a retry would create a second run.
+        if idempotency_key.0.is_none() && request.headers().contains_key(IDEMPOTENCY_KEY) {
+            return Err(ApiError::BadRequest(
+                "header Idempotency-Key must be printable ASCII".to_owned(),
+            ));
         }
+        check_run(&run, "", &self.step_kinds)?;
         let new = NewRun {
             tenant_id: auth.0,
             idempotency_key: idempotency_key.0,
@@ -109,18 +126,17 @@ impl RunsApi {
     async fn create_batch(
         &self,
         auth: TenantAuth,
-        body: Json<CreateRuns>,
+        body: ApiJson<CreateRuns>,
     ) -> Result<CreateRunsResponse, ApiError> {
         let requested = body.0.runs;
         if requested.is_empty() || requested.len() > MAX_BATCH {
             return Err(ApiError::Unprocessable(format!(
-                "a batch needs 1 to {MAX_BATCH} runs, got {}",
+                "runs must hold 1 to {MAX_BATCH} runs, got {}",
                 requested.len()
             )));
         }
         for (index, run) in requested.iter().enumerate() {
-            run.validate(Some(&self.step_kinds))
-                .map_err(|e| ApiError::Unprocessable(format!("runs[{index}]: {}", e.0)))?;
+            check_run(run, &format!("runs[{index}]"), &self.step_kinds)?;
         }
         let new: Vec<NewRun> = requested
             .into_iter()
@@ -155,9 +171,10 @@ impl RunsApi {
         /// `next_cursor` of the previous page.
         cursor: Query<Option<Uuid>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<RunPage>, ApiError> {
-        let limit = page_size(limit.0, 50)?;
+        let limit = i64::from(limit.0.unwrap_or(50));
         let filter = RunFilter {
             status: status.0,
             queue: queue.0,
@@ -198,9 +215,10 @@ impl RunsApi {
         /// Only events after this event id (`next_cursor` of the previous page).
         after: Query<Option<i64>>,
         /// Page size, 1 to 500 (default 100).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<EventPage>, ApiError> {
-        let limit = page_size(limit.0, 100)?;
+        let limit = i64::from(limit.0.unwrap_or(100));
         let mut conn = self.pool.acquire().await?;
         // 404 for a run of another tenant, not an empty page.
         runs::get(&mut conn, auth.0, id.0).await?;
@@ -240,7 +258,7 @@ impl RunsApi {
     async fn retry_many(
         &self,
         auth: TenantAuth,
-        body: Json<RetryRuns>,
+        body: ApiJson<RetryRuns>,
     ) -> Result<Json<RetriedRuns>, ApiError> {
         let filter = body.0;
         if !matches!(
@@ -248,7 +266,7 @@ impl RunsApi {
             RunStatus::Failed | RunStatus::StoppedQuota | RunStatus::Cancelled
         ) {
             return Err(ApiError::Unprocessable(format!(
-                "status '{}' cannot be retried; use failed, stopped_quota or cancelled",
+                "status must be one of 'failed', 'stopped_quota', 'cancelled', got '{}'",
                 filter.status.as_str()
             )));
         }

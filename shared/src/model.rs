@@ -97,9 +97,11 @@ pub enum StepStatus {
 #[serde(deny_unknown_fields)]
 pub struct NewStep {
     /// Name shown in the run's detail; need not be unique.
+    #[oai(validator(min_length = 1, max_length = 255))]
     pub name: String,
     /// The handler that executes the step: `http`, `sleep`, `echo`, `fail` or a
     /// kind a worker registered.
+    #[oai(validator(min_length = 1, max_length = 255))]
     pub kind: String,
     /// Handler input. `http`: `{"url": ..., "body"?: ..., "timeout_ms"?: ...}`;
     /// `sleep`: `{"ms": ...}`; `fail`: `{"message"?: ...}`; `echo`: anything.
@@ -109,6 +111,7 @@ pub struct NewStep {
     /// Seconds this step may take before it fails (and is retried like any failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none)]
+    #[oai(validator(minimum(value = "1")))]
     pub timeout_seconds: Option<i32>,
 }
 
@@ -140,10 +143,12 @@ pub struct CreateRun {
     /// Queue the run waits in; workers name the queues they serve.
     #[oai(default = "default_queue")]
     #[serde(default = "default_queue")]
+    #[oai(validator(min_length = 1, max_length = 64, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"))]
     pub queue: String,
     /// Higher runs first within a queue (-32768..=32767).
     #[oai(default)]
     #[serde(default)]
+    #[oai(validator(minimum(value = "-32768"), maximum(value = "32767")))]
     pub priority: i16,
     /// Earliest start; omitted means now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,10 +157,12 @@ pub struct CreateRun {
     /// Attempts before the run is `failed` (1..=100).
     #[oai(default = "default_max_attempts")]
     #[serde(default = "default_max_attempts")]
+    #[oai(validator(minimum(value = "1"), maximum(value = "100")))]
     pub max_attempts: i32,
     /// Seconds the whole run may take, capped by the server's limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none)]
+    #[oai(validator(minimum(value = "1")))]
     pub timeout_seconds: Option<i32>,
     /// Project (target under test) the run belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +173,7 @@ pub struct CreateRun {
     #[oai(skip_serializing_if_is_none)]
     pub metadata: Option<Value>,
     /// The pipeline, 1 to 64 steps, executed in order.
+    #[oai(validator(min_items = 1, max_items = 64))]
     pub steps: Vec<NewStep>,
 }
 
@@ -697,6 +705,7 @@ pub struct StepInput {
 #[serde(deny_unknown_fields)]
 pub struct CreateRuns {
     /// 1 to 1,000 runs, inserted in one transaction: all or none.
+    #[oai(validator(min_items = 1, max_items = 1000))]
     pub runs: Vec<CreateRun>,
 }
 
@@ -769,6 +778,7 @@ pub struct RetryRuns {
     /// Most runs revived by this call, 1 to 1,000 (default 100), oldest first.
     #[oai(default = "default_retry_limit")]
     #[serde(default = "default_retry_limit")]
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
     pub limit: i64,
 }
 

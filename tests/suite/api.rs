@@ -82,7 +82,32 @@ async fn problem(response: Response, status: StatusCode) -> Problem {
     assert_eq!(problem.status, status.as_u16());
     assert!(problem.problem_type.starts_with("urn:runq:problem:"));
     assert!(!problem.detail.is_empty());
+    assert_client_words(&problem.detail);
     problem
+}
+
+/// `detail` names fields and parameters as the client wrote them, never by
+/// poem-openapi's internal names (`list_NewStep`, `integer_int16`, `param0`)
+/// or Rust's types.
+fn assert_client_words(detail: &str) {
+    for internal in [
+        "list_",
+        "integer_",
+        "string_",
+        "optional_",
+        "param0",
+        "i16",
+        "i32",
+        "i64",
+        "u32",
+        "struct ",
+        "parse request payload",
+    ] {
+        assert!(
+            !detail.contains(internal),
+            "detail '{detail}' leaks the internal name '{internal}'"
+        );
+    }
 }
 
 /// Submit, fetch, list, read events, cancel and retry, through HTTP.
@@ -241,6 +266,26 @@ async fn batch_with_a_bad_run_inserts_nothing() {
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
+    let mut runs: Vec<Value> = (0..5).map(|_| run_body()).collect();
+    runs[3] = json!({ "steps": [] });
+    let p = problem(
+        f.post("/v1/runs/batch", &json!({ "runs": runs })).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(
+        p.detail
+            .starts_with("runs[3].steps must hold 1 to 64 steps"),
+        "{}",
+        p.detail
+    );
+    runs[3] = json!({ "steps": [{ "name": "x" }] });
+    let p = problem(
+        f.post("/v1/runs/batch", &json!({ "runs": runs })).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(p.detail, "runs[3].steps[0].kind is required");
     assert_eq!(f.runs_in_db().await, 0);
 }
 
@@ -326,23 +371,70 @@ async fn bad_run_bodies_get_problems_and_change_nothing() {
             .body(body)
             .send()
     };
-    problem(
-        raw("{\"steps\": [").await.expect("send"),
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
-    problem(raw("").await.expect("send"), StatusCode::BAD_REQUEST).await;
-    problem(raw("[]").await.expect("send"), StatusCode::BAD_REQUEST).await;
+    // Not JSON at all: 400.
+    for (body, mentions) in [
+        ("{\"steps\": [", "not JSON"),
+        ("", "empty"),
+        ("   ", "empty"),
+        ("steps=1", "not JSON"),
+        ("{\"steps\": []} trailing", "not JSON"),
+        ("{\"priority\": \"x\", \"steps\": [", "not JSON"),
+    ] {
+        let p = problem(raw(body).await.expect("send"), StatusCode::BAD_REQUEST).await;
+        assert!(
+            p.detail.contains(mentions),
+            "{body:?}: detail '{}' should mention '{mentions}'",
+            p.detail
+        );
+    }
+    let step = json!({ "name": "x", "kind": "echo" });
+    // JSON that does not fit the schema, or values the server refuses: 422,
+    // naming the field by its path in the body.
     let cases = [
+        (
+            json!([]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body must be an object, got an array",
+        ),
+        (
+            json!(null),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body must be an object, got null",
+        ),
+        (
+            json!("x"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body must be an object",
+        ),
+        (
+            json!({}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "steps is required",
+        ),
         (
             json!({ "steps": [] }),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "1 to 64 steps",
+            "steps must hold 1 to 64 steps, got 0",
         ),
         (
             json!({ "steps": (0..65).map(|i| json!({ "name": format!("s{i}"), "kind": "echo" })).collect::<Vec<_>>() }),
             StatusCode::UNPROCESSABLE_ENTITY,
             "got 65",
+        ),
+        (
+            json!({ "steps": [{ "name": "x" }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "steps[0].kind is required",
+        ),
+        (
+            json!({ "steps": [step, { "name": "x", "kind": 5 }] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "steps[1].kind must be a string",
+        ),
+        (
+            json!({ "steps": [["x", "echo"]] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "steps[0] must be an object, got an array",
         ),
         (
             json!({ "steps": [{ "name": "x", "kind": "teleport" }] }),
@@ -365,22 +457,37 @@ async fn bad_run_bodies_get_problems_and_change_nothing() {
             "ms",
         ),
         (
-            json!({ "queue": "", "steps": [{ "name": "x", "kind": "echo" }] }),
+            json!({ "queue": "", "steps": [step] }),
             StatusCode::UNPROCESSABLE_ENTITY,
             "queue",
         ),
         (
-            json!({ "queue": "q".repeat(65), "steps": [{ "name": "x", "kind": "echo" }] }),
+            json!({ "queue": "q".repeat(65), "steps": [step] }),
             StatusCode::UNPROCESSABLE_ENTITY,
             "64 bytes",
         ),
         (
-            json!({ "max_attempts": 0, "steps": [{ "name": "x", "kind": "echo" }] }),
+            json!({ "queue": "ü".repeat(33), "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "64 bytes",
+        ),
+        (
+            json!({ "queue": null, "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "queue must be a string of 1 to 64 characters, got null",
+        ),
+        (
+            json!({ "max_attempts": 0, "steps": [step] }),
             StatusCode::UNPROCESSABLE_ENTITY,
             "max_attempts",
         ),
         (
-            json!({ "metadata": [1, 2], "steps": [{ "name": "x", "kind": "echo" }] }),
+            json!({ "max_attempts": 1e40, "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "max_attempts must be an integer from 1 to 100",
+        ),
+        (
+            json!({ "metadata": [1, 2], "steps": [step] }),
             StatusCode::UNPROCESSABLE_ENTITY,
             "metadata",
         ),
@@ -390,32 +497,47 @@ async fn bad_run_bodies_get_problems_and_change_nothing() {
             "name",
         ),
         (
-            json!({ "priority": "high", "steps": [{ "name": "x", "kind": "echo" }] }),
-            StatusCode::BAD_REQUEST,
-            "high",
+            json!({ "priority": "high", "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "priority must be an integer from -32768 to 32767, got string \"high\"",
         ),
         (
-            json!({ "priority": 70000, "steps": [{ "name": "x", "kind": "echo" }] }),
-            StatusCode::BAD_REQUEST,
-            "32767",
+            json!({ "priority": 99999, "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "priority must be an integer from -32768 to 32767, got integer 99999",
+        ),
+        (
+            json!({ "priority": 18446744073709551615u64, "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "priority must be an integer from -32768 to 32767",
+        ),
+        (
+            json!({ "run_at": "yesterday", "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "run_at must be an RFC 3339 date-time",
+        ),
+        (
+            json!({ "project_id": "nope", "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "project_id must be a UUID",
         ),
         (
             json!({ "steps": "echo" }),
-            StatusCode::BAD_REQUEST,
-            "CreateRun",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "steps must be an array of 1 to 64 items, got string \"echo\"",
         ),
         (
-            json!({ "steps": [{ "name": "x", "kind": "echo" }], "colour": "red" }),
-            StatusCode::BAD_REQUEST,
-            "colour",
+            json!({ "steps": [step], "colour": "red" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "colour is not a known field",
         ),
         (
             json!({ "steps": [{ "name": "x", "kind": "echo", "extra": 1 }] }),
-            StatusCode::BAD_REQUEST,
-            "extra",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "steps[0].extra is not a known field",
         ),
         (
-            json!({ "project_id": uuid::Uuid::now_v7(), "steps": [{ "name": "x", "kind": "echo" }] }),
+            json!({ "project_id": uuid::Uuid::now_v7(), "steps": [step] }),
             StatusCode::NOT_FOUND,
             "project",
         ),
@@ -452,6 +574,21 @@ async fn bad_run_bodies_get_problems_and_change_nothing() {
         .await
         .expect("send");
     problem(key, StatusCode::BAD_REQUEST).await;
+    // A key poem cannot read as text must not be silently dropped.
+    let unreadable = f
+        .client
+        .post(f.url("/v1/runs"))
+        .bearer_auth(&f.token)
+        .header(
+            "Idempotency-Key",
+            reqwest::header::HeaderValue::from_bytes("clé-ü".as_bytes()).expect("obs-text"),
+        )
+        .json(&run_body())
+        .send()
+        .await
+        .expect("send");
+    let p = problem(unreadable, StatusCode::BAD_REQUEST).await;
+    assert_eq!(p.detail, "header Idempotency-Key must be printable ASCII");
     assert_eq!(f.runs_in_db().await, 0, "no bad body inserted anything");
 }
 
@@ -548,21 +685,55 @@ async fn bad_paths_queries_and_transitions_get_problems() {
         .await
         .expect("run");
 
-    problem(f.get("/v1/runs/not-a-uuid").await, StatusCode::BAD_REQUEST).await;
+    // Each names the parameter as in the URL and what the spec expects.
+    let bad_parameters = [
+        (
+            "/v1/runs/not-a-uuid".to_owned(),
+            "path parameter id must be a UUID, got 'not-a-uuid'",
+        ),
+        (
+            "/v1/runs/not%20a%20uuid/events".to_owned(),
+            "path parameter id must be a UUID, got 'not a uuid'",
+        ),
+        (
+            "/v1/runs?status=exploded".to_owned(),
+            "query parameter status must be one of 'pending', 'running', 'succeeded', \
+             'failed', 'stopped_quota', 'cancelled', got 'exploded'",
+        ),
+        (
+            "/v1/runs?limit=abc".to_owned(),
+            "query parameter limit must be an integer from 1 to 500, got 'abc'",
+        ),
+        (
+            "/v1/runs?limit=0".to_owned(),
+            "query parameter limit must be an integer from 1 to 500, got '0'",
+        ),
+        (
+            "/v1/runs?limit=100000".to_owned(),
+            "query parameter limit must be an integer from 1 to 500, got '100000'",
+        ),
+        (
+            "/v1/runs?cursor=x".to_owned(),
+            "query parameter cursor must be a UUID, got 'x'",
+        ),
+        (
+            format!("/v1/runs/{}/events?after=%C3%BC", run.id),
+            "query parameter after must be an integer, got 'ü'",
+        ),
+    ];
+    for (path, detail) in bad_parameters {
+        let p = problem(f.get(&path).await, StatusCode::BAD_REQUEST).await;
+        assert_eq!(p.detail, detail, "{path}");
+    }
+    let p = problem(
+        f.post("/v1/runs/x/cancel", &json!({})).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    assert_eq!(p.detail, "path parameter id must be a UUID, got 'x'");
     problem(
         f.get(&format!("/v1/runs/{}", uuid::Uuid::now_v7())).await,
         StatusCode::NOT_FOUND,
-    )
-    .await;
-    problem(
-        f.get("/v1/runs?status=exploded").await,
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
-    problem(f.get("/v1/runs?limit=0").await, StatusCode::BAD_REQUEST).await;
-    problem(
-        f.get("/v1/runs?limit=100000").await,
-        StatusCode::BAD_REQUEST,
     )
     .await;
     problem(f.get("/v1/nowhere").await, StatusCode::NOT_FOUND).await;
@@ -771,4 +942,187 @@ async fn exhausted_pool_answers_503_quickly_and_inserts_nothing() {
     assert_eq!(response.status(), StatusCode::CREATED);
     let runs: i64 = db.scalar("SELECT count(*) FROM runs").await;
     assert_eq!(runs, 1);
+}
+
+/// One request a bound is probed with.
+enum Probe {
+    Post(&'static str, Value),
+    Get(String),
+    Keyed(String),
+}
+
+/// Every bound the spec states on a request is the server's: a value at each
+/// bound is accepted and one step past it is refused (422 in a body, 400 in
+/// a parameter), so what a generated client checks before sending is exactly
+/// what the server checks.
+#[tokio::test]
+async fn spec_bounds_are_the_server_bounds() {
+    let f = Fixture::new().await;
+    let long_kind = "k".repeat(runq_shared::MAX_NAME_LEN);
+    let mut config = TestApi::config();
+    // Kinds at both length bounds are registered, so only length can refuse.
+    config.step_kinds.extend(["k".to_owned(), long_kind]);
+    let api = TestApi::start(f.db.pool.clone(), config);
+    let run: Run = f
+        .post("/v1/runs", &run_body())
+        .await
+        .json()
+        .await
+        .expect("run");
+    let spec: Value = serde_json::from_str(&runq_api::spec()).expect("spec parses");
+    let schema =
+        |name: &str, field: &str| spec["components"]["schemas"][name]["properties"][field].clone();
+    let parameter = |path: &str, method: &str, name: &str| {
+        spec["paths"][path][method]["parameters"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+            .map(|p| p["schema"].clone())
+            .unwrap_or_else(|| panic!("{method} {path} has a parameter {name}"))
+    };
+    let step = json!({ "name": "x", "kind": "echo" });
+    let run_with = |field: &'static str| {
+        let step = step.clone();
+        move |value: Value| {
+            let mut body = json!({ "steps": [step.clone()] });
+            body[field] = value;
+            Probe::Post("/v1/runs", body)
+        }
+    };
+    let step_with = |field: &'static str| {
+        let step = step.clone();
+        move |value: Value| {
+            let mut step = step.clone();
+            step[field] = value;
+            Probe::Post("/v1/runs", json!({ "steps": [step] }))
+        }
+    };
+    let text = |n: i64| json!("q".repeat(usize::try_from(n).unwrap_or(0)));
+    let kinds = |n: i64| json!("k".repeat(usize::try_from(n).unwrap_or(0)));
+    let many = |item: Value, n: i64| json!(vec![item; usize::try_from(n).unwrap_or(0)]);
+    type Make<'a> = Box<dyn Fn(i64) -> Probe + 'a>;
+    let cases: Vec<(&str, Value, Make<'_>)> = vec![
+        (
+            "priority",
+            schema("CreateRun", "priority"),
+            Box::new(move |n| run_with("priority")(json!(n))),
+        ),
+        (
+            "max_attempts",
+            schema("CreateRun", "max_attempts"),
+            Box::new(move |n| run_with("max_attempts")(json!(n))),
+        ),
+        (
+            "timeout_seconds",
+            schema("CreateRun", "timeout_seconds"),
+            Box::new(move |n| run_with("timeout_seconds")(json!(n))),
+        ),
+        (
+            "queue",
+            schema("CreateRun", "queue"),
+            Box::new(move |n| run_with("queue")(text(n))),
+        ),
+        ("steps", schema("CreateRun", "steps"), {
+            let step = step.clone();
+            Box::new(move |n| Probe::Post("/v1/runs", json!({ "steps": many(step.clone(), n) })))
+        }),
+        (
+            "steps[0].name",
+            schema("NewStep", "name"),
+            Box::new(move |n| step_with("name")(text(n))),
+        ),
+        (
+            "steps[0].kind",
+            schema("NewStep", "kind"),
+            Box::new(move |n| step_with("kind")(kinds(n))),
+        ),
+        (
+            "steps[0].timeout_seconds",
+            schema("NewStep", "timeout_seconds"),
+            Box::new(move |n| step_with("timeout_seconds")(json!(n))),
+        ),
+        (
+            "runs",
+            schema("CreateRuns", "runs"),
+            Box::new(move |n| {
+                Probe::Post("/v1/runs/batch", json!({ "runs": many(run_body(), n) }))
+            }),
+        ),
+        (
+            "limit",
+            schema("RetryRuns", "limit"),
+            Box::new(|n| Probe::Post("/v1/runs/retry", json!({ "limit": n }))),
+        ),
+        (
+            "?limit",
+            parameter("/v1/runs", "get", "limit"),
+            Box::new(|n| Probe::Get(format!("/v1/runs?limit={n}"))),
+        ),
+        (
+            "events ?limit",
+            parameter("/v1/runs/{id}/events", "get", "limit"),
+            {
+                let id = run.id;
+                Box::new(move |n| Probe::Get(format!("/v1/runs/{id}/events?limit={n}")))
+            },
+        ),
+        (
+            "Idempotency-Key",
+            parameter("/v1/runs", "post", "Idempotency-Key"),
+            Box::new(|n| Probe::Keyed("i".repeat(usize::try_from(n).unwrap_or(0)))),
+        ),
+    ];
+    let client = Client::new();
+    for (what, schema, make) in cases {
+        let number = |key: &str| schema[key].as_f64().map(|v| v as i64);
+        let (low, high) = match schema["type"].as_str() {
+            Some("integer") => (number("minimum"), number("maximum")),
+            Some("string") => (number("minLength"), number("maxLength")),
+            Some("array") => (number("minItems"), number("maxItems")),
+            other => panic!("{what}: unexpected type {other:?}"),
+        };
+        assert!(
+            low.is_some() || high.is_some(),
+            "{what}: the spec states no bound"
+        );
+        let mut probes = Vec::new();
+        if let Some(low) = low {
+            probes.extend([(low, true), (low - 1, false)]);
+        }
+        if let Some(high) = high {
+            probes.extend([(high, true), (high + 1, false)]);
+        }
+        for (value, accepted) in probes {
+            let request = match make(value) {
+                Probe::Post(path, body) => client.post(format!("{}{path}", api.base)).json(&body),
+                Probe::Get(path) => client.get(format!("{}{path}", api.base)),
+                Probe::Keyed(key) => client
+                    .post(format!("{}/v1/runs", api.base))
+                    .header("Idempotency-Key", key)
+                    .json(&run_body()),
+            };
+            let response = request.bearer_auth(&f.token).send().await.expect("send");
+            let status = response.status();
+            if accepted {
+                assert!(
+                    status.is_success(),
+                    "{what} = {value} is within the spec and refused: {status} {}",
+                    response.text().await.unwrap_or_default()
+                );
+            } else {
+                let expected =
+                    if what.starts_with('?') || what.contains(" ?") || what == "Idempotency-Key" {
+                        StatusCode::BAD_REQUEST
+                    } else {
+                        StatusCode::UNPROCESSABLE_ENTITY
+                    };
+                let p = problem(response, expected).await;
+                let field = what.trim_start_matches("events ").trim_start_matches('?');
+                assert!(
+                    p.detail.contains(field),
+                    "{what} = {value}: detail '{}' names the field",
+                    p.detail
+                );
+            }
+        }
+    }
 }

@@ -30,7 +30,8 @@ fn committed_openapi_matches_generated() {
 }
 
 /// The spec describes every payload: the API bodies, problem documents on
-/// errors, the outbox event (as a webhook) and the step envelope.
+/// errors, the outbox event (a component schema, as OpenAPI 3.0 has no
+/// webhooks) and the step envelope.
 #[test]
 fn spec_describes_every_payload() {
     let spec: Value = serde_json::from_str(&runq_api::spec()).expect("spec parses");
@@ -51,7 +52,49 @@ fn spec_describes_every_payload() {
     }
     let create = &spec["paths"]["/v1/runs"]["post"]["responses"];
     assert!(create["422"]["content"]["application/problem+json"].is_object());
-    assert!(spec["webhooks"]["run.event"]["post"].is_object());
+    assert_eq!(spec["openapi"], "3.0.0");
+    assert!(
+        spec.get("webhooks").is_none(),
+        "webhooks are OpenAPI 3.1 only"
+    );
+    let outbox = schemas["OutboxEvent"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        outbox.contains("relays deliver"),
+        "OutboxEvent says it is what relays deliver: {outbox}"
+    );
+}
+
+/// The spec says a body refuses unknown fields exactly where serde does:
+/// `additionalProperties: false` marks the request body types and the
+/// objects inside them, and each of those is `deny_unknown_fields`.
+#[test]
+fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
+    fn refuses<T: DeserializeOwned>() -> bool {
+        serde_json::from_value::<T>(json!({ "surely_not_a_field": 1 }))
+            .err()
+            .is_some_and(|e| e.to_string().contains("unknown field"))
+    }
+    let spec: Value = serde_json::from_str(&runq_api::spec()).expect("spec parses");
+    let schemas = spec["components"]["schemas"].as_object().expect("schemas");
+    let closed: Vec<&str> = schemas
+        .iter()
+        .filter(|(_, schema)| schema["additionalProperties"] == json!(false))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    assert_eq!(closed, ["CreateRun", "CreateRuns", "NewStep", "RetryRuns"]);
+    for (name, refused) in [
+        ("CreateRun", refuses::<CreateRun>()),
+        ("CreateRuns", refuses::<runq_shared::CreateRuns>()),
+        ("NewStep", refuses::<NewStep>()),
+        ("RetryRuns", refuses::<runq_shared::RetryRuns>()),
+    ] {
+        assert!(
+            refused,
+            "{name} is closed in the spec but serde takes unknown fields"
+        );
+    }
 }
 
 fn agree<T: Serialize + DeserializeOwned + ToJSON + ParseFromJSON + PartialEq + std::fmt::Debug>(

@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod claim;
 mod cli;
+mod clients;
 mod contract;
 mod dev;
 mod events;
