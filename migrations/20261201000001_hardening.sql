@@ -38,11 +38,13 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
             'error', r.error, 'result', r.result))
 $$;
 
--- One entry of the attempt history.
-CREATE FUNCTION runq_attempt_error(r runs, error jsonb)
+-- The attempt history `errors` with one more entry: attempt `attempt`, held
+-- by `worker`, ended now with `error`. (Columns, not the whole row: a
+-- whole-row argument makes every call copy the row.)
+CREATE FUNCTION runq_attempt_error(errors jsonb, attempt integer, worker uuid, error jsonb)
 RETURNS jsonb LANGUAGE sql STABLE AS $$
-    SELECT coalesce(r.errors, '[]'::jsonb) || jsonb_build_array(
-        jsonb_build_object('attempt', r.attempt, 'at', now(), 'worker_id', r.locked_by)
+    SELECT coalesce(errors, '[]'::jsonb) || jsonb_build_array(
+        jsonb_build_object('attempt', attempt, 'at', now(), 'worker_id', worker)
         || coalesce(error, '{}'::jsonb))
 $$;
 
@@ -51,13 +53,14 @@ $$;
 -- A cancel requested while the attempt ran wins over a retry, so a run with a
 -- cancel request never goes back to pending. The one place this rule lives:
 -- the completer, the rescuer and the graceful hand-back all use it.
-CREATE FUNCTION runq_outcome_status(outcome text, r runs)
-RETURNS run_status LANGUAGE sql STABLE AS $$
+CREATE FUNCTION runq_outcome_status(outcome text, cancel_requested boolean,
+                                    attempt integer, max_attempts integer)
+RETURNS run_status LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
         WHEN outcome = 'succeeded' THEN 'succeeded'::run_status
         WHEN outcome = 'stopped' THEN 'stopped_quota'::run_status
-        WHEN outcome = 'cancelled' OR r.cancel_requested THEN 'cancelled'::run_status
-        WHEN outcome = 'released' OR r.attempt < r.max_attempts THEN 'pending'::run_status
+        WHEN outcome = 'cancelled' OR cancel_requested THEN 'cancelled'::run_status
+        WHEN outcome = 'released' OR attempt < max_attempts THEN 'pending'::run_status
         ELSE 'failed'::run_status END
 $$;
 

@@ -124,15 +124,24 @@ pub async fn complete_many(
                      step_output, step_started_at)
         ), done AS (
             UPDATE runs r
-            SET status = runq_outcome_status(i.outcome, r),
-                run_at = CASE WHEN runq_outcome_status(i.outcome, r) = 'pending'
+            -- The status is computed from the row as it is now, under its lock
+            -- (a cancel requested meanwhile wins over a retry), so it is
+            -- spelled out in every column that depends on it.
+            SET status = runq_outcome_status(
+                    i.outcome, r.cancel_requested, r.attempt, r.max_attempts),
+                run_at = CASE WHEN runq_outcome_status(
+                                  i.outcome, r.cancel_requested, r.attempt, r.max_attempts)
+                                  = 'pending'
                               THEN now() + runq_backoff(r.attempt, $11, $12) ELSE r.run_at END,
-                finished_at = CASE WHEN runq_outcome_status(i.outcome, r) = 'pending'
+                finished_at = CASE WHEN runq_outcome_status(
+                                       i.outcome, r.cancel_requested, r.attempt, r.max_attempts)
+                                       = 'pending'
                                    THEN NULL ELSE now() END,
                 locked_by = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1,
                 result = i.result, error = i.error,
                 errors = CASE WHEN i.outcome = 'succeeded' THEN r.errors
-                              ELSE runq_attempt_error(r, i.error) END
+                              ELSE runq_attempt_error(r.errors, r.attempt, r.locked_by, i.error)
+                         END
             FROM input i
             WHERE r.id = i.id AND r.lease_token = i.token
             RETURNING r.*

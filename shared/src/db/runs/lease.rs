@@ -72,7 +72,8 @@ pub async fn release_many(
         r#"
         WITH released AS (
             UPDATE runs r
-            SET status = runq_outcome_status('released', r),
+            SET status = runq_outcome_status(
+                    'released', r.cancel_requested, r.attempt, r.max_attempts),
                 attempt = CASE WHEN r.cancel_requested THEN r.attempt ELSE r.attempt - 1 END,
                 run_at = CASE WHEN r.cancel_requested THEN r.run_at ELSE now() END,
                 started_at = CASE WHEN r.cancel_requested THEN r.started_at END,
@@ -145,13 +146,19 @@ pub async fn rescue_expired(
             FOR UPDATE SKIP LOCKED
         ), rescued AS (
             UPDATE runs r
-            SET status = runq_outcome_status('failed', r),
-                run_at = CASE WHEN runq_outcome_status('failed', r) = 'pending'
+            SET status = runq_outcome_status(
+                    'failed', r.cancel_requested, r.attempt, r.max_attempts),
+                run_at = CASE WHEN runq_outcome_status(
+                                  'failed', r.cancel_requested, r.attempt, r.max_attempts)
+                                  = 'pending'
                               THEN now() + runq_backoff(r.attempt, $2, $3) ELSE r.run_at END,
-                finished_at = CASE WHEN runq_outcome_status('failed', r) = 'pending'
+                finished_at = CASE WHEN runq_outcome_status(
+                                       'failed', r.cancel_requested, r.attempt, r.max_attempts)
+                                       = 'pending'
                                    THEN NULL ELSE now() END,
                 error = runq_rescue_error(r),
-                errors = runq_attempt_error(r, runq_rescue_error(r)),
+                errors = runq_attempt_error(r.errors, r.attempt, r.locked_by,
+                                            runq_rescue_error(r)),
                 locked_by = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1
             WHERE r.id = ANY(ARRAY(SELECT id FROM expired))
             RETURNING r.*
