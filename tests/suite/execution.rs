@@ -12,7 +12,7 @@ use runq_worker::Worker;
 use serde_json::{json, Value};
 
 use crate::support::handlers::{Count, Executions, FailOnce};
-use crate::support::{echo_run, worker_config, RunningWorker, TestDb};
+use crate::support::{check_invariants, echo_run, worker_config, RunningWorker, TestDb};
 
 fn counting_worker(db: &TestDb, name: &str, executions: &Executions, concurrency: usize) -> Worker {
     Worker::new(db.new_pool(4), worker_config(concurrency))
@@ -630,4 +630,76 @@ async fn step_timeout_counts_as_a_retried_failure() {
             EventType::Failed
         ]
     );
+}
+
+/// A cancel request wins over every way out of `running` that would put the
+/// run back in the queue: a failed attempt with attempts left and a
+/// shutting-down worker's hand-back both end it `cancelled` (with their
+/// outbox row), and no pending run can carry a cancel request, so a claim
+/// never hands one out.
+#[tokio::test]
+async fn cancel_request_wins_over_retry_and_hand_back() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let runs = db
+        .enqueue(tenant, vec![echo_run(json!({})), echo_run(json!({}))])
+        .await;
+    let backoff = Backoff {
+        base_ms: 0.0,
+        max_ms: 0.0,
+    };
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let claimed = runs::claim(
+        &mut conn,
+        uuid::Uuid::now_v7(),
+        &["default".to_owned()],
+        2,
+        30_000,
+    )
+    .await
+    .expect("claim");
+    let mut tx = db.pool.begin().await.expect("begin");
+    for run in &runs {
+        runs::cancel(&mut tx, tenant, run.id).await.expect("cancel");
+    }
+    tx.commit().await.expect("commit");
+    let (failing, releasing) = match claimed[0].id() == runs[0].id {
+        true => (claimed[0].lease, claimed[1].lease),
+        false => (claimed[1].lease, claimed[0].lease),
+    };
+    let failed = Completion {
+        lease: failing,
+        outcome: Outcome::Failed {
+            step: None,
+            error: runq_shared::RunError::new(runq_shared::ErrorReason::StepFailed, "no", None),
+        },
+    };
+    runs::complete_many(&mut conn, &[failed], &[], backoff)
+        .await
+        .expect("complete");
+    runs::release_many(&mut conn, &[releasing])
+        .await
+        .expect("release");
+    let pending_with_request = sqlx::query(
+        "UPDATE runs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
+         cancel_requested = true WHERE id = $1",
+    )
+    .bind(runs[0].id)
+    .execute(&mut *conn)
+    .await;
+    assert!(
+        pending_with_request.is_err(),
+        "a pending run cannot carry a cancel request"
+    );
+    drop(conn);
+
+    for (run, attempt) in [(&runs[0], 1), (&runs[1], 1)] {
+        let (run, _) = detail(&db, run.id).await;
+        assert_eq!((run.status, run.attempt), (RunStatus::Cancelled, attempt));
+        assert_eq!(
+            event_types(&db, run.id).await,
+            vec![EventType::Created, EventType::Started, EventType::Cancelled]
+        );
+    }
+    check_invariants(&db).await;
 }

@@ -47,7 +47,9 @@ async fn offenders(
 /// completer as a final result or as a checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unstorable_step_output_fails_its_run_alone() {
-    const LEASE_MS: u64 = 3_000;
+    // Long enough that a loaded CI machine finishes well within one lease,
+    // short enough that a run left to expire would show in the time taken.
+    const LEASE_MS: u64 = 8_000;
     let db = TestDb::new().await;
     let tenant = db.tenant("acme").await;
     let target = Target::start();
