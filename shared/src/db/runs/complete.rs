@@ -33,15 +33,18 @@ pub async fn checkpoint_many(
     let outputs: Vec<Value> = sorted.iter().map(|c| c.output.clone()).collect();
     let started: Vec<DateTime<Utc>> = sorted.iter().map(|c| c.started_at).collect();
     let events = EventColumns::new(events);
-    // CTE results are read back as arrays, never joined row by row: right
-    // after a burst of claims the statistics are stale and the planner would
-    // loop the whole input over each owned row.
+    // Runs are reached through the primary key (`r.id = ANY($1)`): joined to
+    // the input alone, the planner hashes the input against a scan of every
+    // run. CTE results are read back as arrays, never joined row by row:
+    // right after a burst of claims the statistics are stale and the planner
+    // would loop the whole input over each owned row.
     let rows = sqlx::query!(
         r#"
         WITH owned AS (
             SELECT r.id, r.cancel_requested
             FROM unnest($1::uuid[], $2::int8[]) AS i(id, token)
             JOIN runs r ON r.id = i.id AND r.lease_token = i.token
+            WHERE r.id = ANY($1::uuid[])
             FOR SHARE OF r
         ), stored AS (
             UPDATE run_steps s
@@ -113,7 +116,8 @@ pub async fn complete_many(
     }
     let events = EventColumns::new(events);
     // The input is sorted by id, so concurrent completions driven from it
-    // into the primary key lock rows in the same order.
+    // into the primary key lock rows in the same order. `r.id = ANY($1)`
+    // keeps the planner on the primary key (see `checkpoint_many`).
     let written = sqlx::query_scalar!(
         r#"
         WITH input AS (
@@ -143,7 +147,7 @@ pub async fn complete_many(
                               ELSE runq_attempt_error(r.errors, r.attempt, r.locked_by, i.error)
                          END
             FROM input i
-            WHERE r.id = i.id AND r.lease_token = i.token
+            WHERE r.id = ANY($1::uuid[]) AND r.id = i.id AND r.lease_token = i.token
             RETURNING r.*
         ), step AS (
             UPDATE run_steps s

@@ -8,6 +8,9 @@ use crate::db::DbError;
 use crate::model::RunId;
 use crate::protocol::{Backoff, HeldRun, Lease};
 
+/// The leases as id and token columns for `unnest`. Every statement here
+/// also filters `r.id = ANY(ids)`, so runs are reached through the primary
+/// key rather than by hashing the input against a scan of every run.
 fn columns(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>) {
     let mut sorted: Vec<Lease> = leases.to_vec();
     // Sorted by id so concurrent writers lock rows in the same order.
@@ -37,6 +40,7 @@ pub async fn extend_leases(
             SELECT r.id
             FROM unnest($1::uuid[], $2::int8[]) AS i(id, token)
             JOIN runs r ON r.id = i.id AND r.lease_token = i.token
+            WHERE r.id = ANY($1::uuid[])
             FOR UPDATE OF r SKIP LOCKED
         ), extended AS (
             UPDATE runs r SET lease_expires_at = now() + $3 * interval '1 millisecond'
@@ -47,6 +51,7 @@ pub async fn extend_leases(
                r.id = ANY(ARRAY(SELECT id FROM extended)) AS "extended!"
         FROM unnest($1::uuid[], $2::int8[]) AS i(id, token)
         JOIN runs r ON r.id = i.id AND r.lease_token = i.token
+        WHERE r.id = ANY($1::uuid[])
         "#,
         &ids,
         &tokens,
@@ -83,7 +88,7 @@ pub async fn release_many(
                              ELSE r.error END,
                 locked_by = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1
             FROM unnest($1::uuid[], $2::int8[]) AS i(id, token)
-            WHERE r.id = i.id AND r.lease_token = i.token
+            WHERE r.id = ANY($1::uuid[]) AND r.id = i.id AND r.lease_token = i.token
             RETURNING r.*
         ), recorded AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, payload)
