@@ -28,9 +28,15 @@ pub enum ApiError {
     /// The resource is in a state that forbids the operation.
     #[error("{0}")]
     Conflict(String),
-    /// The path exists but not with this method.
-    #[error("{0}")]
-    MethodNotAllowed(String),
+    /// The path exists but not with this method; the methods it has go in
+    /// the `Allow` header (RFC 9110).
+    #[error("{detail}")]
+    MethodNotAllowed {
+        /// What was asked and what is allowed.
+        detail: String,
+        /// The methods the path has, comma separated.
+        allow: String,
+    },
     /// The body is larger than the server accepts.
     #[error("request body exceeds {0} bytes")]
     PayloadTooLarge(usize),
@@ -57,7 +63,7 @@ impl ApiError {
             ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
-            ApiError::MethodNotAllowed(_) => (
+            ApiError::MethodNotAllowed { .. } => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",
                 "Method not allowed",
@@ -107,7 +113,12 @@ impl ApiError {
                 "send 'Authorization: Bearer <token>' with a valid runq token".to_owned(),
             ),
             StatusCode::NOT_FOUND => ApiError::NotFound(detail),
-            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed(detail),
+            // The API's middleware answers 405s with the path's methods
+            // (`Parameters::explain`); this is the fallback without them.
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed {
+                detail,
+                allow: String::new(),
+            },
             StatusCode::UNPROCESSABLE_ENTITY => ApiError::Unprocessable(detail),
             status if status.is_client_error() => ApiError::BadRequest(detail),
             _ => {
@@ -168,6 +179,11 @@ impl ResponseError for ApiError {
                 response
                     .headers_mut()
                     .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::MethodNotAllowed { allow, .. } => {
+                if let Ok(value) = HeaderValue::from_str(allow) {
+                    response.headers_mut().insert(header::ALLOW, value);
+                }
             }
             _ => {}
         }

@@ -94,6 +94,41 @@ impl Parameters {
         Parameters { operations }
     }
 
+    /// The methods of the path template `path` reaches (the one with the most
+    /// literal segments, as the router picks it), for the `Allow` header.
+    pub(crate) fn allowed(&self, path: &str) -> Vec<String> {
+        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let matching: Vec<&Operation> = self
+            .operations
+            .iter()
+            .filter(|op| op.segments.len() == parts.len())
+            .filter(|op| {
+                op.segments
+                    .iter()
+                    .zip(&parts)
+                    .all(|(segment, part)| match segment {
+                        Segment::Literal(literal) => literal == part,
+                        Segment::Variable(_) => true,
+                    })
+            })
+            .collect();
+        let literals = |op: &Operation| {
+            op.segments
+                .iter()
+                .filter(|s| matches!(s, Segment::Literal(_)))
+                .count()
+        };
+        let best = matching.iter().map(|op| literals(op)).max();
+        let mut methods: Vec<String> = matching
+            .into_iter()
+            .filter(|op| Some(literals(op)) == best)
+            .map(|op| op.method.clone())
+            .collect();
+        methods.sort();
+        methods.dedup();
+        methods
+    }
+
     /// The operation `asked` reached: the one whose template matches with
     /// the most literal segments.
     fn operation<'a>(&self, asked: &'a Asked) -> Option<(&Operation, Vec<&'a str>)> {
@@ -122,6 +157,17 @@ impl Parameters {
     /// The 400 for a parameter error of poem-openapi, or `None` for any
     /// other error.
     pub(crate) fn explain(&self, err: &poem::Error, asked: &Asked) -> Option<ApiError> {
+        if err.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED {
+            let allow = self.allowed(&asked.path).join(", ");
+            return Some(ApiError::MethodNotAllowed {
+                detail: format!(
+                    "{} is not allowed on {}; allowed: {allow}",
+                    asked.method,
+                    shorten(&asked.path)
+                ),
+                allow,
+            });
+        }
         if let Some(path_err) = err.downcast_ref::<ParsePathError>() {
             // poem-openapi names the n-th path variable `param{n}`.
             let index: usize = path_err.name.strip_prefix("param")?.parse().ok()?;

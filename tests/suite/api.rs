@@ -744,7 +744,36 @@ async fn bad_paths_queries_and_transitions_get_problems() {
         .send()
         .await
         .expect("send");
+    // RFC 9110: a 405 lists the methods the path has.
+    let allow = |response: &reqwest::Response| {
+        response
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(allow(&wrong_method).as_deref(), Some("GET, POST"));
     problem(wrong_method, StatusCode::METHOD_NOT_ALLOWED).await;
+    for (method, path, allowed) in [
+        ("TRACE", "/health".to_owned(), "GET"),
+        ("PUT", format!("/v1/runs/{}/cancel", run.id), "POST"),
+        ("DELETE", format!("/v1/runs/{}", run.id), "GET"),
+    ] {
+        let response = f
+            .client
+            .request(method.parse().expect("method"), f.url(&path))
+            .bearer_auth(&f.token)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            allow(&response).as_deref(),
+            Some(allowed),
+            "{method} {path}"
+        );
+        let p = problem(response, StatusCode::METHOD_NOT_ALLOWED).await;
+        assert!(p.detail.contains(allowed), "{}", p.detail);
+    }
     let p = problem(
         f.post(&format!("/v1/runs/{}/retry", run.id), &json!({}))
             .await,
