@@ -103,7 +103,7 @@ pub fn spec() -> String {
 pub fn app(pool: PgPool, config: &ApiConfig) -> impl Endpoint {
     let api = service(pool.clone(), config);
     let docs = api.swagger_ui();
-    let document = spec::finish(&api.spec());
+    let document = spec::for_deployment(&spec::finish(&api.spec()), &config.step_kinds);
     let parameters = std::sync::Arc::new(Parameters::new(&document));
     let spec = poem::endpoint::make_sync(move |_| {
         poem::Response::builder()

@@ -261,15 +261,6 @@ impl RunsApi {
         body: ApiJson<RetryRuns>,
     ) -> Result<Json<RetriedRuns>, ApiError> {
         let filter = body.0;
-        if !matches!(
-            filter.status,
-            RunStatus::Failed | RunStatus::StoppedQuota | RunStatus::Cancelled
-        ) {
-            return Err(ApiError::Unprocessable(format!(
-                "status must be one of 'failed', 'stopped_quota', 'cancelled', got '{}'",
-                filter.status.as_str()
-            )));
-        }
         if !(1..=MAX_BATCH as i64).contains(&filter.limit) {
             return Err(ApiError::Unprocessable(format!(
                 "limit must be 1 to {MAX_BATCH}, got {}",
@@ -280,7 +271,7 @@ impl RunsApi {
         let ids = runs::retry_many(
             &mut conn,
             auth.0,
-            filter.status,
+            filter.status.into(),
             filter.queue.as_deref(),
             filter.project_id,
             filter.limit,

@@ -57,10 +57,16 @@ fn add_extra_schemas(document: &mut Value) {
 ///   state as `additionalProperties: false`.
 /// - `webhooks` is a 3.1 keyword, so the document carries none: the outbox
 ///   event is a component schema instead (see [`add_extra_schemas`]).
+/// - The answers that create runs carry OpenAPI `links` to the operations
+///   that take a run id (see [`link_created_runs`]), so clients and
+///   stateful testers know where an id comes from.
+/// - `metadata` of a new run is stated to be an object, as the server requires.
 pub(crate) fn portable(document: &mut Value) {
     if let Some(top) = document.as_object_mut() {
         top.remove("webhooks");
     }
+    link_created_runs(document);
+    object_metadata(document);
     close_request_bodies(document);
     // Before the `$ref`s lose their wrappers, which carry the defaults.
     if let Some(schemas) = document
@@ -72,6 +78,81 @@ pub(crate) fn portable(document: &mut Value) {
         }
     }
     plain_refs(document);
+}
+
+/// `metadata` is a `serde_json::Value` to the code, which poem-openapi
+/// describes as any JSON; the server takes only an object (or null), which
+/// the schema states.
+fn object_metadata(document: &mut Value) {
+    if let Some(metadata) = document
+        .pointer_mut("/components/schemas/CreateRun/properties/metadata")
+        .and_then(Value::as_object_mut)
+    {
+        metadata.insert("type".to_owned(), Value::String("object".to_owned()));
+    }
+}
+
+/// Operations that take a run's id in their path, by operation id.
+const RUN_OPERATIONS: [&str; 4] = ["get_run", "list_run_events", "cancel_run", "retry_run"];
+
+/// Adds `links` from the answers of `POST /v1/runs` (the run) and
+/// `POST /v1/runs/batch` (its first run) to every operation on one run.
+fn link_created_runs(document: &mut Value) {
+    for (path, pointer) in [
+        ("/v1/runs", "$response.body#/id"),
+        ("/v1/runs/batch", "$response.body#/runs/0/id"),
+    ] {
+        let Some(responses) = document
+            .get_mut("paths")
+            .and_then(|paths| paths.get_mut(path))
+            .and_then(|item| item.get_mut("post"))
+            .and_then(|post| post.get_mut("responses"))
+            .and_then(Value::as_object_mut)
+        else {
+            continue;
+        };
+        for (status, response) in responses.iter_mut() {
+            if !status.starts_with('2') {
+                continue;
+            }
+            let links: Map<String, Value> = RUN_OPERATIONS
+                .iter()
+                .map(|operation| {
+                    (
+                        (*operation).to_owned(),
+                        serde_json::json!({
+                            "operationId": operation,
+                            "parameters": { "id": pointer },
+                        }),
+                    )
+                })
+                .collect();
+            if let Some(response) = response.as_object_mut() {
+                response.insert("links".to_owned(), Value::Object(links));
+            }
+        }
+    }
+}
+
+/// The document as a deployment serves it: a step's `kind` is one of the
+/// kinds this API accepts (the built-in ones and `RUNQ_STEP_KINDS`). The
+/// committed document leaves `kind` open, since deployments differ.
+pub(crate) fn for_deployment(document: &str, extra_kinds: &[String]) -> String {
+    let Ok(mut document) = serde_json::from_str::<Value>(document) else {
+        return document.to_owned();
+    };
+    if let Some(kind) = document.pointer_mut("/components/schemas/NewStep/properties/kind") {
+        let kinds: Vec<Value> = runq_shared::BUILTIN_STEP_KINDS
+            .iter()
+            .map(|k| (*k).to_owned())
+            .chain(extra_kinds.iter().cloned())
+            .map(Value::String)
+            .collect();
+        if let Some(kind) = kind.as_object_mut() {
+            kind.insert("enum".to_owned(), Value::Array(kinds));
+        }
+    }
+    serde_json::to_string_pretty(&document).unwrap_or_default()
 }
 
 /// Marks the schemas request bodies use, and those they contain,

@@ -19,9 +19,9 @@ pub type WorkerId = Uuid;
 pub const MAX_STEPS: usize = 64;
 /// Most runs one batch request or one `enqueue_many` call may insert.
 pub const MAX_BATCH: usize = 1_000;
-/// Longest queue name, in bytes.
+/// Longest queue name, in characters.
 pub const MAX_QUEUE_LEN: usize = 64;
-/// Longest step name, step kind and idempotency key, in bytes.
+/// Longest step name, step kind and idempotency key, in characters.
 pub const MAX_NAME_LEN: usize = 255;
 /// Most attempts a run may be given.
 pub const MAX_ATTEMPTS: i32 = 100;
@@ -96,15 +96,20 @@ pub enum StepStatus {
 #[oai(deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct NewStep {
-    /// Name shown in the run's detail; need not be unique.
-    #[oai(validator(min_length = 1, max_length = 255))]
+    /// Name shown in the run's detail; need not be unique. No `\u0000`
+    /// (Postgres cannot store it).
+    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[^\x00]*$"))]
     pub name: String,
     /// The handler that executes the step: `http`, `sleep`, `echo`, `fail` or a
-    /// kind a worker registered.
-    #[oai(validator(min_length = 1, max_length = 255))]
+    /// kind the deployment accepts (`RUNQ_STEP_KINDS`, kinds its workers
+    /// register); a running API's `/openapi.json` lists them as an enum.
+    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[^\x00]*$"))]
     pub kind: String,
-    /// Handler input. `http`: `{"url": ..., "body"?: ..., "timeout_ms"?: ...}`;
-    /// `sleep`: `{"ms": ...}`; `fail`: `{"message"?: ...}`; `echo`: anything.
+    /// Handler input, handed to the handler as given. `http`: `{"url": ...,
+    /// "timeout_ms"?: ...}`; `sleep`: `{"ms": ...}`; `fail`: `{"message"?:
+    /// ...}`; `echo`: anything. A step whose handler cannot use its input fails
+    /// when it runs, with the handler's reason. No string or key in it may hold
+    /// `\u0000` and it may nest at most 100 levels (a 422 names the place).
     #[oai(default)]
     #[serde(default)]
     pub input: Value,
@@ -168,7 +173,9 @@ pub struct CreateRun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none)]
     pub project_id: Option<Uuid>,
-    /// Free-form JSON object handed to every step, unchanged.
+    /// Free-form JSON object handed to every step, unchanged. No string or
+    /// key in it may hold `\u0000` and it may nest at most 100 levels (a 422
+    /// names the place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none)]
     pub metadata: Option<Value>,
@@ -202,9 +209,9 @@ impl CreateRun {
     /// The first problem found, naming the field and the bad value.
     pub fn validate(&self, extra_kinds: Option<&[String]>) -> Result<(), InvalidRun> {
         let queue = &self.queue;
-        if queue.is_empty() || queue.len() > MAX_QUEUE_LEN {
+        if queue.is_empty() || queue.chars().count() > MAX_QUEUE_LEN {
             return Err(InvalidRun(format!(
-                "queue name '{}' must be 1 to {MAX_QUEUE_LEN} bytes",
+                "queue name '{}' must be 1 to {MAX_QUEUE_LEN} characters",
                 truncate(queue)
             )));
         }
@@ -248,18 +255,18 @@ impl CreateRun {
 
 impl NewStep {
     fn validate(&self, position: usize, extra_kinds: Option<&[String]>) -> Result<(), InvalidRun> {
-        if self.name.is_empty() || self.name.len() > MAX_NAME_LEN {
+        if self.name.is_empty() || self.name.chars().count() > MAX_NAME_LEN {
             return Err(InvalidRun(format!(
-                "steps[{position}].name must be 1 to {MAX_NAME_LEN} bytes"
+                "steps[{position}].name must be 1 to {MAX_NAME_LEN} characters"
             )));
         }
         crate::storable::check_text(&format!("steps[{position}].name"), &self.name)?;
         crate::storable::check_text(&format!("steps[{position}].kind"), &self.kind)?;
         crate::storable::check(&format!("steps[{position}].input"), &self.input)?;
         let kind = self.kind.as_str();
-        if kind.is_empty() || kind.len() > MAX_NAME_LEN {
+        if kind.is_empty() || kind.chars().count() > MAX_NAME_LEN {
             return Err(InvalidRun(format!(
-                "steps[{position}].kind must be 1 to {MAX_NAME_LEN} bytes"
+                "steps[{position}].kind must be 1 to {MAX_NAME_LEN} characters"
             )));
         }
         let Some(extra_kinds) = extra_kinds else {
@@ -287,31 +294,6 @@ impl NewStep {
                     "steps[{position}].timeout_seconds {timeout} must be at least 1"
                 )));
             }
-        }
-        match self.kind.as_str() {
-            "http" => {
-                let url = self.input.get("url").and_then(Value::as_str);
-                match url {
-                    Some(url) if url.starts_with("http://") || url.starts_with("https://") => {}
-                    Some(url) => {
-                        return Err(InvalidRun(format!(
-                            "steps[{position}].input.url '{}' must start with http:// or https://",
-                            truncate(url)
-                        )))
-                    }
-                    None => {
-                        return Err(InvalidRun(format!(
-                            "steps[{position}].input.url is required for an http step"
-                        )))
-                    }
-                }
-            }
-            "sleep" if !self.input.get("ms").is_some_and(Value::is_u64) => {
-                return Err(InvalidRun(format!(
-                    "steps[{position}].input.ms (a non-negative integer) is required for a sleep step"
-                )));
-            }
-            _ => {}
         }
         Ok(())
     }
@@ -356,10 +338,10 @@ impl NewRun {
     /// The first problem found, naming the field.
     pub fn validate(&self) -> Result<(), InvalidRun> {
         if let Some(key) = &self.idempotency_key {
-            if key.is_empty() || key.len() > MAX_NAME_LEN {
+            if key.is_empty() || key.chars().count() > MAX_NAME_LEN {
                 return Err(InvalidRun(format!(
-                    "idempotency key must be 1 to {MAX_NAME_LEN} bytes, got {}",
-                    key.len()
+                    "idempotency key must be 1 to {MAX_NAME_LEN} characters, got {}",
+                    key.chars().count()
                 )));
             }
             crate::storable::check_text("idempotency key", key)?;
@@ -750,8 +732,31 @@ pub struct Problem {
     pub detail: String,
 }
 
-fn default_retry_status() -> RunStatus {
-    RunStatus::Failed
+fn default_retry_status() -> RetryableStatus {
+    RetryableStatus::Failed
+}
+
+/// The finished statuses a client can retry runs out of.
+#[derive(Enum, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+#[oai(rename_all = "snake_case")]
+pub enum RetryableStatus {
+    /// Failed with no attempts left: the dead letters.
+    Failed,
+    /// Stopped by a duration or event cap.
+    StoppedQuota,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl From<RetryableStatus> for RunStatus {
+    fn from(status: RetryableStatus) -> Self {
+        match status {
+            RetryableStatus::Failed => RunStatus::Failed,
+            RetryableStatus::StoppedQuota => RunStatus::StoppedQuota,
+            RetryableStatus::Cancelled => RunStatus::Cancelled,
+        }
+    }
 }
 
 fn default_retry_limit() -> i64 {
@@ -766,7 +771,7 @@ pub struct RetryRuns {
     /// `failed` (the dead letters, default), `stopped_quota` or `cancelled`.
     #[oai(default = "default_retry_status")]
     #[serde(default = "default_retry_status")]
-    pub status: RunStatus,
+    pub status: RetryableStatus,
     /// Only runs of this queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none)]

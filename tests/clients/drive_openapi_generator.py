@@ -23,7 +23,7 @@ def main() -> None:
     import runq_ogc
     from runq_ogc.api.runs_api import RunsApi
     from runq_ogc.exceptions import ApiException
-    from runq_ogc.models import CreateRun, CreateRuns, NewStep, Problem, RetryRuns, RunStatus
+    from runq_ogc.models import CreateRun, CreateRuns, NewStep, Problem, RetryableStatus, RetryRuns
 
     configuration = runq_ogc.Configuration(host=base_url, access_token=token)
     with runq_ogc.ApiClient(configuration) as api_client:
@@ -62,7 +62,7 @@ def main() -> None:
         failing = CreateRun(steps=[NewStep(name="boom", kind="fail", input={"message": "no"})], max_attempts=1)
         batch = api.create_runs_with_http_info(CreateRuns(runs=[failing]))
         failed = wait(batch.data.runs[0].id)
-        retried = api.retry_runs(RetryRuns(status=RunStatus.FAILED))
+        retried = api.retry_runs(RetryRuns(status=RetryableStatus.FAILED))
 
         missing_status, missing = problem(lambda: api.get_run(uuid.uuid4()))
         invalid_status, invalid = problem(

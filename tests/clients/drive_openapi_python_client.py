@@ -36,11 +36,11 @@ def main() -> None:
         NewStep,
         Problem,
         RetriedRuns,
+        RetryableStatus,
         RetryRuns,
         Run,
         RunDetail,
         RunPage,
-        RunStatus,
     )
 
     client = AuthenticatedClient(base_url=base_url, token=token, raise_on_unexpected_status=True)
@@ -75,7 +75,7 @@ def main() -> None:
     failing = CreateRun(steps=[NewStep(name="boom", kind="fail", input_={"message": "no"})], max_attempts=1)
     batch = create_runs.sync_detailed(client=client, body=CreateRuns(runs=[failing]))
     failed = wait(parsed(batch, CreatedRuns).runs[0].id)
-    retried = parsed(retry_runs.sync_detailed(client=client, body=RetryRuns(status=RunStatus.FAILED)), RetriedRuns)
+    retried = parsed(retry_runs.sync_detailed(client=client, body=RetryRuns(status=RetryableStatus.FAILED)), RetriedRuns)
 
     missing = get_run.sync_detailed(uuid.uuid4(), client=client)
     invalid = create_run.sync_detailed(client=client, body=CreateRun(steps=[NewStep(name="x", kind="teleport")]))

@@ -703,3 +703,69 @@ async fn cancel_request_wins_over_retry_and_hand_back() {
     }
     check_invariants(&db).await;
 }
+
+/// A step's input is handed to its handler as given (the API checks only
+/// what the spec states); a built-in handler that cannot use its input fails
+/// the step with a reason naming what is wrong, and no request leaves for a
+/// URL that is not http(s).
+#[tokio::test]
+async fn built_in_steps_fail_on_input_they_cannot_use() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let one = |kind: &str, input: Value| {
+        let mut run = CreateRun::new(vec![NewStep::new("s", kind, input)]);
+        run.max_attempts = 1;
+        run
+    };
+    let runs = db
+        .enqueue(
+            tenant,
+            vec![
+                one("http", json!({})),
+                one("http", json!({ "url": "file:///etc/passwd" })),
+                one("sleep", json!({ "ms": -1 })),
+            ],
+        )
+        .await;
+    let worker = RunningWorker::start(Worker::new(db.new_pool(4), worker_config(3)));
+    db.wait_all_terminal(Duration::from_secs(15)).await;
+    worker.stop().await;
+    let mut messages = Vec::new();
+    for run in &runs {
+        let (run, _) = detail(&db, run.id).await;
+        assert_eq!(run.status, RunStatus::Failed);
+        let error = run.error.expect("error");
+        assert_eq!(error["reason"], "step_failed", "{error}");
+        messages.push(error["message"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(messages[0].contains("input.url"), "{messages:?}");
+    assert!(messages[1].contains("file:///etc/passwd"), "{messages:?}");
+    assert!(messages[2].contains("input.ms"), "{messages:?}");
+}
+
+/// Numbers at the edges of f64 survive the round trip through `jsonb` (which
+/// prints them in full decimal): a run holding them is claimed, executed and
+/// read back with the same values. A number that read back out of range
+/// used to fail the claim of every run batched with it.
+#[tokio::test]
+async fn extreme_numbers_round_trip_through_claim_and_read() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let extremes = json!({
+        "max": f64::MAX, "min": f64::MIN, "tiny": 5e-324, "small": 2.2250738585072014e-308,
+        "third": 1.0 / 3.0, "big_int": u64::MAX, "neg_int": i64::MIN,
+    });
+    let mut run = echo_run(extremes.clone());
+    run.metadata = Some(extremes.clone());
+    let runs = db
+        .enqueue(tenant, vec![run, echo_run(json!({ "plain": 1 }))])
+        .await;
+    let worker = RunningWorker::start(Worker::new(db.new_pool(4), worker_config(2)));
+    db.wait_all_terminal(Duration::from_secs(15)).await;
+    worker.stop().await;
+    let (extreme, _) = detail(&db, runs[0].id).await;
+    assert_eq!(extreme.status, RunStatus::Succeeded);
+    assert_eq!(extreme.metadata, extremes);
+    assert_eq!(extreme.result, Some(extremes));
+    assert_eq!(detail(&db, runs[1].id).await.0.status, RunStatus::Succeeded);
+}

@@ -138,7 +138,12 @@ impl Handler for Http {
             .input
             .get("url")
             .and_then(Value::as_str)
-            .ok_or_else(|| StepError::new("input.url is missing"))?;
+            .ok_or_else(|| StepError::new("input.url (a string) is missing"))?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(StepError::new(format!(
+                "input.url '{url}' must start with http:// or https://"
+            )));
+        }
         let timeout = step
             .input
             .get("timeout_ms")

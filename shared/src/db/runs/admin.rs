@@ -115,6 +115,10 @@ pub async fn retry_many(
     project_id: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<RunId>, DbError> {
+    // No stored queue name holds `\u0000`: such a filter matches nothing.
+    if queue.is_some_and(|q| q.contains('\0')) {
+        return Ok(Vec::new());
+    }
     retry_where(conn, tenant, status, queue, project_id, limit, None).await
 }
 

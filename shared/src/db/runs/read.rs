@@ -43,6 +43,11 @@ pub async fn list(
     filter: &RunFilter,
     limit: i64,
 ) -> Result<Vec<Run>, DbError> {
+    // No stored queue name holds `\u0000` (and Postgres would refuse it as a
+    // parameter): such a filter matches nothing.
+    if filter.queue.as_deref().is_some_and(|q| q.contains('\0')) {
+        return Ok(Vec::new());
+    }
     Ok(query_runs!(
         "",
         r#"FROM runs
