@@ -16,3 +16,4 @@ mod hardening;
 mod isolation;
 mod load;
 mod shutdown;
+mod tenancy;
