@@ -713,3 +713,195 @@ async fn audit_log_refuses_update_delete_and_truncate() {
         .expect("count");
     assert_eq!(kept, (1, "test.action".to_owned()));
 }
+
+/// Runs `runq <args>` against `database` as operator `alice`, for at most
+/// 30 s: exit status, stdout, stderr.
+async fn operator(database: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_runq"))
+            .args(args)
+            .env("DATABASE_URL", database)
+            .env("USER", "alice")
+            .env("RUST_LOG", "debug")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("runq {args:?} did not finish within 30 s"))
+    .expect("run runq");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Admin bootstrap and token secrecy: `runq tenant create` and `runq token
+/// create/revoke` work straight against the database and are audited as the
+/// operator; a token is shown once (the CLI's stdout, the API's 201) and is
+/// never written to a `runq api` process's debug log, never listed, and
+/// stored only as its 32-byte SHA-256 digest (no column of any row holds
+/// it). The CLI's revocation is refused by the API on the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_bootstrap_and_tokens_exist_only_as_digests() {
+    let db = TestDb::new().await;
+    let (code, tenant_id, _) = operator(
+        &db.url,
+        &["tenant", "create", "acme", "--plan", "unlimited"],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let tenant: Uuid = tenant_id.trim().parse().expect("the tenant's id");
+    let plan: String = sqlx::query_scalar("SELECT plan FROM tenants WHERE id = $1")
+        .bind(tenant)
+        .fetch_one(&db.pool)
+        .await
+        .expect("plan");
+    assert_eq!(plan, "unlimited");
+    let (code, _, stderr) = operator(
+        &db.url,
+        &["token", "create", "--tenant", "nope", "--scope", "runs"],
+    )
+    .await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("runq tenant create nope"), "{stderr}");
+    let (code, stdout, cli_log) = operator(
+        &db.url,
+        &[
+            "token",
+            "create",
+            "--tenant",
+            "acme",
+            "--scope",
+            "admin,runs",
+            "--name",
+            "boot",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{cli_log}");
+    let boot = stdout.trim().to_owned();
+    assert!(boot.starts_with("runq_"), "{stdout}");
+
+    // A `runq api` process of its own, so its whole log can be read.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let log_path = std::env::temp_dir().join(format!("runq-tenancy-{}.log", Uuid::now_v7()));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut api = tokio::process::Command::new(env!("CARGO_BIN_EXE_runq"))
+        .arg("api")
+        .env("DATABASE_URL", &db.url)
+        .env("RUNQ_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUNQ_NO_MIGRATE", "1")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("runq api");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/health")).send().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "runq api did not answer within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let created: Value = client
+        .post(format!("{base}/v1/tokens"))
+        .bearer_auth(&boot)
+        .json(&json!({ "name": "ci", "scopes": ["runs"] }))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("created token");
+    let issued = created["token"].as_str().expect("plaintext").to_owned();
+    let issued_id = created["id"].as_str().expect("id").to_owned();
+    let get = |token: &str| {
+        client
+            .get(format!("{base}/v1/runs"))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(get(&issued).await.expect("get").status(), StatusCode::OK);
+    let listed = client
+        .get(format!("{base}/v1/tokens"))
+        .bearer_auth(&boot)
+        .send()
+        .await
+        .expect("list")
+        .text()
+        .await
+        .expect("list body");
+    assert!(listed.contains(&issued_id), "{listed}");
+    let (code, revoked, _) = operator(&db.url, &["token", "revoke", &issued_id]).await;
+    assert_eq!(code, Some(0), "{revoked}");
+    assert_eq!(
+        get(&issued).await.expect("get").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    api.start_kill().expect("stop runq api");
+    api.wait().await.expect("runq api exits");
+    let api_log = std::fs::read_to_string(&log_path).expect("the API's log");
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        api_log.contains("api listening"),
+        "the log was captured: {api_log}"
+    );
+
+    for secret in [&boot, &issued] {
+        assert!(!api_log.contains(secret.as_str()), "the API logged a token");
+        assert!(!cli_log.contains(secret.as_str()), "the CLI logged a token");
+        assert!(
+            !listed.contains(secret.as_str()),
+            "GET /v1/tokens shows a token"
+        );
+        let (digest, anywhere): (Vec<u8>, i64) = sqlx::query_as(
+            "SELECT (SELECT token_hash FROM api_tokens WHERE token_hash = sha256($1::bytea)),
+                    (SELECT count(*) FROM api_tokens t WHERE strpos(t::text, $2) > 0)
+                  + (SELECT count(*) FROM audit_log a WHERE strpos(a::text, $2) > 0)",
+        )
+        .bind(secret.as_bytes())
+        .bind(secret.as_str())
+        .fetch_one(&db.pool)
+        .await
+        .expect("the token's row, by digest");
+        assert_eq!(digest.len(), 32);
+        assert_eq!(anywhere, 0, "a row holds the plaintext");
+    }
+    let audit: Vec<(String, String, Option<Uuid>)> = sqlx::query_as(
+        "SELECT action, actor, actor_token_id FROM audit_log WHERE tenant_id = $1 ORDER BY id",
+    )
+    .bind(tenant)
+    .fetch_all(&db.pool)
+    .await
+    .expect("audit");
+    let boot_id: Uuid = sqlx::query_scalar("SELECT id FROM api_tokens WHERE name = 'boot'")
+        .fetch_one(&db.pool)
+        .await
+        .expect("boot token");
+    assert_eq!(
+        audit,
+        [
+            (
+                "tenant.create".to_owned(),
+                "operator:alice".to_owned(),
+                None
+            ),
+            ("token.create".to_owned(), "operator:alice".to_owned(), None),
+            (
+                "token.create".to_owned(),
+                format!("token:{boot_id}"),
+                Some(boot_id)
+            ),
+            ("token.revoke".to_owned(), "operator:alice".to_owned(), None),
+        ]
+    );
+}
