@@ -164,6 +164,20 @@ pub struct Project {
     pub created_at: DateTime<Utc>,
 }
 
+/// The project of a run as its steps see it (`StepInput.project`): where
+/// the target is.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StepProject {
+    /// The project's id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// `dev`, `staging` or `prod`.
+    pub environment: Environment,
+    /// The target's URL.
+    pub target_url: Option<String>,
+}
+
 /// The body of `POST /v1/projects`.
 #[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[oai(deny_unknown_fields)]

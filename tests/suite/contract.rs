@@ -244,6 +244,12 @@ fn serde_and_openapi_forms_agree() {
         prev: Value::Null,
         results: vec![],
         metadata: json!({}),
+        project: Some(runq_shared::StepProject {
+            id: uuid::Uuid::now_v7(),
+            name: "shop".into(),
+            environment: runq_shared::Environment::Staging,
+            target_url: Some("http://shop.test".into()),
+        }),
     });
     let id = uuid::Uuid::now_v7();
     agree(runq_shared::Project {

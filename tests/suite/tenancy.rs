@@ -905,3 +905,68 @@ async fn operator_bootstrap_and_tokens_exist_only_as_digests() {
         ]
     );
 }
+
+/// `project`: outputs the step envelope's `project`.
+struct ShowProject;
+
+#[async_trait::async_trait]
+impl runq_worker::Handler for ShowProject {
+    fn kind(&self) -> &str {
+        "project"
+    }
+
+    async fn execute(
+        &self,
+        step: &runq_shared::StepInput,
+        _events: &mut runq_worker::Events,
+    ) -> Result<Value, runq_worker::StepError> {
+        Ok(serde_json::to_value(&step.project).unwrap_or_default())
+    }
+}
+
+/// A run's project reaches its steps: the envelope's `project` carries the
+/// project's id, name, environment and `target_url`, and is null for a run
+/// without a project.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_see_their_runs_project_and_target_url() {
+    let db = TestDb::new().await;
+    let acme = db.tenant("acme").await;
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let create = serde_json::from_value(json!({
+        "name": "shop", "environment": "staging", "target_url": "http://shop.test/api",
+    }))
+    .expect("project body");
+    let shop = db::projects::create(&mut conn, acme, &create)
+        .await
+        .expect("project");
+    drop(conn);
+    let step = || runq_shared::NewStep::new("show", "project", json!({}));
+    let mut with = runq_shared::CreateRun::new(vec![step()]);
+    with.project_id = Some(shop.id);
+    let without = runq_shared::CreateRun::new(vec![step()]);
+    let runs = db.enqueue(acme, vec![with, without]).await;
+    let worker = crate::support::RunningWorker::start(
+        runq_worker::Worker::new(db.new_pool(4), crate::support::worker_config(2))
+            .register(ShowProject),
+    );
+    db.wait_all_terminal(Duration::from_secs(20)).await;
+    worker.stop().await;
+    let outputs: Vec<(Uuid, Option<Value>)> =
+        sqlx::query_as("SELECT id, result FROM runs WHERE status = 'succeeded' ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("results");
+    assert_eq!(
+        outputs,
+        [
+            (
+                runs[0].id,
+                Some(json!({
+                    "id": shop.id, "name": "shop", "environment": "staging",
+                    "target_url": "http://shop.test/api",
+                }))
+            ),
+            (runs[1].id, Some(Value::Null)),
+        ]
+    );
+}
