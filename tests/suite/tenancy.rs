@@ -282,6 +282,53 @@ async fn a_revoked_token_fails_on_its_next_request() {
         .expect("the revoked token is listed")
         .clone();
     assert!(entry["revoked_at"].is_string(), "{entry}");
+    assert!(
+        entry["last_used_at"].is_string(),
+        "its use is recorded: {entry}"
+    );
+    assert!(
+        !listed.to_string().contains(&issued),
+        "the list shows a token"
+    );
+
+    // An ingest token must name a project of the tenant, and only it may.
+    let shop = project(&db, acme, "shop", "dev").await;
+    for (body, expected) in [
+        (
+            json!({ "name": "i", "scopes": ["ingest"] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({ "name": "i", "scopes": ["runs"], "project_id": shop.id }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({ "name": "i", "scopes": [] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({ "name": "i", "scopes": ["root"] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({ "name": "i", "scopes": ["ingest"], "project_id": Uuid::now_v7() }),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            json!({ "name": "i", "scopes": ["ingest"], "project_id": shop.id }),
+            StatusCode::CREATED,
+        ),
+    ] {
+        let (status, answer) =
+            call(&api, &admin, Method::POST, "/v1/tokens", Some(body.clone())).await;
+        assert_eq!(status, expected, "{body}: {answer}");
+    }
+    let ingest: (Uuid, Option<Uuid>) =
+        sqlx::query_as("SELECT id, project_id FROM api_tokens WHERE 'ingest' = ANY (scopes)")
+            .fetch_one(&db.pool)
+            .await
+            .expect("the ingest token");
+    assert_eq!(ingest.1, Some(shop.id));
 
     // Revoking one's own token is allowed; the very next request fails.
     let (status, _) = call(
@@ -314,6 +361,11 @@ async fn a_revoked_token_fails_on_its_next_request() {
             (
                 "token.revoke".to_owned(),
                 format!("token:{id}"),
+                Some(admin_id)
+            ),
+            (
+                "token.create".to_owned(),
+                format!("token:{}", ingest.0),
                 Some(admin_id)
             ),
             (
