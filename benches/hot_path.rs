@@ -287,6 +287,7 @@ fn json_envelopes(criterion: &mut Criterion) {
             json!({ "status": 200, "body": { "deployed": "v1.42.0" } }),
         ],
         metadata: json!({ "environment": "staging", "commit": "9fceb02" }),
+        project: None,
     };
     let outbox_event = OutboxEvent {
         event_type: EventType::Succeeded,

@@ -16,7 +16,7 @@ pub struct ApiTarget {
     /// Base URL of the API.
     #[arg(long, env = "RUNQ_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// Bearer token (`runq token` or `runq dev` prints one).
+    /// Bearer token (`runq token create` or `runq dev` prints one).
     #[arg(long, env = "RUNQ_TOKEN")]
     pub token: String,
 }

@@ -61,16 +61,16 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Manage API tokens.
+    /// Create tenants, directly in the database (for an operator).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Issue and revoke API tokens, directly in the database (for an
+    /// operator); audited as `operator:<user>`.
     Token {
-        #[command(flatten)]
-        database: DatabaseArgs,
-        /// Tenant name (created if missing).
-        #[arg(long, env = "RUNQ_TENANT", default_value = "default")]
-        tenant: String,
-        /// A label for the token.
-        #[arg(long, default_value = "cli")]
-        name: String,
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Submit a run through the API.
     Enqueue(client::EnqueueArgs),
@@ -86,6 +86,61 @@ enum Command {
     Openapi,
     /// The load tool: enqueue, drain and latency figures as one JSON line.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create tenant NAME (or set its plan if it exists) and print its id.
+    Create {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The tenant's name.
+        name: String,
+        /// The plan its quotas follow (default for a new tenant: free).
+        #[arg(long, value_parser = ["free", "unlimited"])]
+        plan: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Issue a token and print it; it is shown this once (only its digest
+    /// is stored).
+    Create {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The tenant's name (`runq tenant create` makes one).
+        #[arg(long, env = "RUNQ_TENANT")]
+        tenant: String,
+        /// What the token may do: admin, runs, ingest (comma separated).
+        #[arg(long, value_delimiter = ',', required = true, value_parser = parse_scope)]
+        scope: Vec<runq_shared::Scope>,
+        /// The project an ingest token is bound to.
+        #[arg(long)]
+        project: Option<uuid::Uuid>,
+        /// A label for the token.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+    /// Revoke token ID (its id, as `GET /v1/tokens` lists it): refused from
+    /// the next request on.
+    Revoke {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The token's id.
+        id: uuid::Uuid,
+    },
+}
+
+fn parse_scope(name: &str) -> Result<runq_shared::Scope, String> {
+    runq_shared::Scope::parse(name)
+        .ok_or_else(|| format!("unknown scope '{name}'; expected admin, runs or ingest"))
+}
+
+/// Who the audit log names for an operator's CLI action.
+fn operator() -> db::audit::Actor {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned());
+    db::audit::Actor::Operator(user)
 }
 
 fn main() -> std::process::ExitCode {
@@ -154,17 +209,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             open_pool(url, &database, true).await?;
             println!("migrations applied");
         }
-        Command::Token {
-            database,
-            tenant,
-            name,
-        } => {
-            let pool = connect(&database, true).await?;
-            let mut conn = pool.acquire().await?;
-            let tenant_id = db::tenants::ensure(&mut conn, &tenant).await?;
-            let token = db::tenants::create_token(&mut conn, tenant_id, &name).await?;
-            println!("{token}");
-        }
+        Command::Tenant { command } => tenant_command(command).await?,
+        Command::Token { command } => token_command(command).await?,
         Command::Enqueue(args) => client::enqueue(args).await?,
         Command::Status(args) => return client::status(args).await,
         Command::Tail(args) => return client::tail(args).await,
@@ -172,6 +218,94 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Bench(args) => bench::run(args).await?,
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `runq tenant ...`: straight against the database, audited.
+async fn tenant_command(command: TenantCommand) -> anyhow::Result<()> {
+    let TenantCommand::Create {
+        database,
+        name,
+        plan,
+    } = command;
+    let pool = connect(&database, true).await?;
+    let mut tx = pool.begin().await?;
+    let (id, created) = db::tenants::create(&mut tx, &name, plan.as_deref()).await?;
+    db::audit::record(
+        &mut tx,
+        id,
+        &operator(),
+        db::audit::TENANT_CREATE,
+        &format!("tenant:{id}"),
+        serde_json::json!({ "name": name, "plan": plan, "created": created }),
+    )
+    .await?;
+    tx.commit().await?;
+    println!("{id}");
+    Ok(())
+}
+
+/// `runq token ...`: straight against the database, audited.
+async fn token_command(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            database,
+            tenant,
+            scope,
+            project,
+            name,
+        } => {
+            let pool = connect(&database, true).await?;
+            let mut tx = pool.begin().await?;
+            let tenant_id = db::tenants::find(&mut tx, &tenant)
+                .await
+                .with_context(|| format!("create it with `runq tenant create {tenant}`"))?;
+            let issued = db::tokens::create(&mut tx, tenant_id, &name, &scope, project).await?;
+            let token = &issued.token;
+            db::audit::record(
+                &mut tx,
+                tenant_id,
+                &operator(),
+                db::audit::TOKEN_CREATE,
+                &format!("token:{}", token.id),
+                serde_json::json!({
+                    "name": token.name, "scopes": token.scopes, "project_id": token.project_id,
+                }),
+            )
+            .await?;
+            tx.commit().await?;
+            eprintln!(
+                "token {} (shown once; runq stores only its digest):",
+                token.id
+            );
+            println!("{}", issued.plaintext);
+        }
+        TokenCommand::Revoke { database, id } => {
+            let pool = connect(&database, true).await?;
+            let mut tx = pool.begin().await?;
+            let (tenant_id, revoked) = db::tokens::revoke(&mut tx, None, id).await?;
+            if revoked {
+                db::audit::record(
+                    &mut tx,
+                    tenant_id,
+                    &operator(),
+                    db::audit::TOKEN_REVOKE,
+                    &format!("token:{id}"),
+                    serde_json::json!({}),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            println!(
+                "token {id} {}",
+                if revoked {
+                    "revoked"
+                } else {
+                    "was already revoked"
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Opens the pool for `database` and, if asked, applies migrations.

@@ -96,20 +96,21 @@ fn schema_of<T: Type + 'static>() -> Arc<BodySchema> {
 }
 
 /// serde reads a struct from a JSON array (by position) and an enum from a
-/// one-key object; the schema allows neither. `Err` names what was found
-/// where the schema wants an object or a string, with `path` left there.
+/// one-key object; the schema allows neither. Nor does it allow a string
+/// outside its `minLength`/`maxLength`. `Err` names what was found where
+/// the schema wants something else, with `path` left there.
 fn check_shape(
     document: &Value,
     schema: &Value,
     value: &Value,
     path: &mut Vec<Step>,
-) -> Result<(), &'static str> {
+) -> Result<(), String> {
     let schema = spec::resolve(document, schema);
     let wants = schema.get("type").and_then(Value::as_str);
     match value {
         Value::Object(fields) => {
             if wants == Some("string") || schema.get("enum").is_some() {
-                return Err("an object");
+                return Err("an object".to_owned());
             }
             let Some(properties) = schema.get("properties") else {
                 return Ok(());
@@ -125,7 +126,7 @@ fn check_shape(
         }
         Value::Array(items) => {
             if matches!(wants, Some("object" | "string")) || schema.get("enum").is_some() {
-                return Err("an array");
+                return Err("an array".to_owned());
             }
             let Some(item) = schema.get("items") else {
                 return Ok(());
@@ -134,6 +135,23 @@ fn check_shape(
                 path.push(Step::Index(index));
                 check_shape(document, item, element, path)?;
                 path.pop();
+            }
+            Ok(())
+        }
+        Value::String(text) => {
+            // The lengths the schema states hold for every body, whatever
+            // the type checks after parsing (counted in characters, as JSON
+            // Schema counts them).
+            let count = |key: &str| schema.get(key).and_then(Value::as_u64);
+            let length = text.chars().count() as u64;
+            if count("maxLength").is_some_and(|max| length > max)
+                || count("minLength").is_some_and(|min| length < min)
+            {
+                return Err(if length == 1 {
+                    "a string of 1 character".to_owned()
+                } else {
+                    format!("a string of {length} characters")
+                });
             }
             Ok(())
         }

@@ -22,6 +22,10 @@ pub enum ApiError {
     /// No valid bearer token.
     #[error("{0}")]
     Unauthorized(String),
+    /// The token is valid but may not do this: it lacks the scope the
+    /// endpoint needs, or a safety gate (the production override) refuses.
+    #[error("{0}")]
+    Forbidden(String),
     /// The resource does not exist for this tenant.
     #[error("{0}")]
     NotFound(String),
@@ -61,6 +65,7 @@ impl ApiError {
                 "unauthorized",
                 "Missing or invalid token",
             ),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             ApiError::MethodNotAllowed { .. } => (
@@ -132,9 +137,12 @@ impl ApiError {
 impl From<DbError> for ApiError {
     fn from(err: DbError) -> Self {
         match err {
-            DbError::RunNotFound(_) | DbError::ProjectNotFound(_) => {
-                ApiError::NotFound(err.to_string())
-            }
+            DbError::RunNotFound(_)
+            | DbError::ProjectNotFound(_)
+            | DbError::TokenNotFound(_)
+            | DbError::TenantNotFound(_) => ApiError::NotFound(err.to_string()),
+            DbError::ProductionRefused { .. } => ApiError::Forbidden(err.to_string()),
+            DbError::ProjectNameTaken(_) => ApiError::Conflict(err.to_string()),
             DbError::WrongStatus { .. } => ApiError::Conflict(err.to_string()),
             DbError::Invalid(invalid) => ApiError::Unprocessable(invalid.0),
             DbError::IdempotencyMismatch(_) => ApiError::Unprocessable(err.to_string()),
@@ -198,16 +206,28 @@ impl IntoResponse for ApiError {
 }
 
 /// Every status an endpoint may answer with a problem document.
-const PROBLEM_STATUSES: [(u16, &str); 8] = [
+const PROBLEM_STATUSES: [(u16, &str); 9] = [
     (
         400,
         "Malformed request: the body is not JSON (or not sent as `application/json`), \
          or a path, query or header parameter does not fit its schema; `detail` names \
          the parameter as in the URL",
     ),
-    (401, "Missing or invalid bearer token"),
+    (
+        401,
+        "Missing, unknown or revoked bearer token (one answer for all three)",
+    ),
+    (
+        403,
+        "The token lacks the scope this endpoint needs (`detail` names it), or the run \
+         names a `prod` project whose production override is off",
+    ),
     (404, "No such resource for this tenant"),
-    (409, "The run's status forbids the operation"),
+    (
+        409,
+        "The resource's state forbids the operation (the run's status, a project name \
+         already taken)",
+    ),
     (413, "The body is too large"),
     (
         422,

@@ -5,12 +5,15 @@
 //! `/health`, `/ready`, `/openapi.json` and `/docs` are unauthenticated.
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod error;
 mod params;
+pub mod projects;
 pub mod runs;
 mod spec;
+pub mod tokens;
 
 use poem::listener::TcpListener;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, Server};
@@ -20,9 +23,12 @@ use runq_shared::config::ApiConfig;
 use sqlx::PgPool;
 use tokio::io::AsyncReadExt;
 
+use crate::audit::AuditApi;
 use crate::error::ApiError;
 use crate::params::{Asked, Parameters};
+use crate::projects::ProjectsApi;
 use crate::runs::RunsApi;
+use crate::tokens::TokensApi;
 
 /// A future that resolves when the server should stop.
 type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -61,13 +67,19 @@ impl HealthApi {
     }
 }
 
-fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<(RunsApi, HealthApi), ()> {
+/// Every group of endpoints.
+type Apis = (RunsApi, ProjectsApi, TokensApi, AuditApi, HealthApi);
+
+fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<Apis, ()> {
     let runs = RunsApi {
         pool: pool.clone(),
         step_kinds: config.step_kinds.clone(),
     };
+    let projects = ProjectsApi { pool: pool.clone() };
+    let tokens = TokensApi { pool: pool.clone() };
+    let audit = AuditApi { pool: pool.clone() };
     OpenApiService::new(
-        (runs, HealthApi { pool }),
+        (runs, projects, tokens, audit, HealthApi { pool }),
         "runq",
         env!("CARGO_PKG_VERSION"),
     )

@@ -3,11 +3,12 @@
 use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
+use runq_shared::db::audit;
 use runq_shared::db::runs::{self, RunFilter};
 use runq_shared::db::{events, steps};
 use runq_shared::{
     CreateRun, CreateRuns, CreatedRuns, EventPage, NewRun, RetriedRuns, RetryRuns, Run, RunDetail,
-    RunPage, RunStatus, MAX_BATCH, MAX_STEPS,
+    RunPage, RunStatus, Scope, MAX_BATCH, MAX_STEPS,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -95,6 +96,7 @@ impl RunsApi {
         )]
         idempotency_key: Header<Option<String>>,
     ) -> Result<CreateRunResponse, ApiError> {
+        auth.0.require(Scope::Runs)?;
         let run = body.0;
         // poem-openapi reads a header it cannot decode as ASCII as absent:
         // such a key would be ignored and a retry would create a second run.
@@ -105,7 +107,7 @@ impl RunsApi {
         }
         check_run(&run, "", &self.step_kinds)?;
         let new = NewRun {
-            tenant_id: auth.0,
+            tenant_id: auth.0.tenant_id,
             idempotency_key: idempotency_key.0,
             run,
         };
@@ -128,6 +130,7 @@ impl RunsApi {
         auth: TenantAuth,
         body: ApiJson<CreateRuns>,
     ) -> Result<CreateRunsResponse, ApiError> {
+        auth.0.require(Scope::Runs)?;
         let requested = body.0.runs;
         if requested.is_empty() || requested.len() > MAX_BATCH {
             return Err(ApiError::Unprocessable(format!(
@@ -141,7 +144,7 @@ impl RunsApi {
         let new: Vec<NewRun> = requested
             .into_iter()
             .map(|run| NewRun {
-                tenant_id: auth.0,
+                tenant_id: auth.0.tenant_id,
                 idempotency_key: None,
                 run,
             })
@@ -174,6 +177,7 @@ impl RunsApi {
         #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<RunPage>, ApiError> {
+        auth.0.require(Scope::Runs)?;
         let limit = i64::from(limit.0.unwrap_or(50));
         let filter = RunFilter {
             status: status.0,
@@ -182,7 +186,7 @@ impl RunsApi {
             before: cursor.0,
         };
         let mut conn = self.pool.acquire().await?;
-        let runs = runs::list(&mut conn, auth.0, &filter, limit).await?;
+        let runs = runs::list(&mut conn, auth.0.tenant_id, &filter, limit).await?;
         let next_cursor = if runs.len() as i64 == limit {
             runs.last().map(|run| run.id)
         } else {
@@ -194,9 +198,10 @@ impl RunsApi {
     /// Get a run with its steps
     #[oai(path = "/runs/:id", method = "get", operation_id = "get_run")]
     async fn get(&self, auth: TenantAuth, id: Path<Uuid>) -> Result<Json<RunDetail>, ApiError> {
+        auth.0.require(Scope::Runs)?;
         let mut conn = self.pool.acquire().await?;
-        let run = runs::get(&mut conn, auth.0, id.0).await?;
-        let steps = steps::list(&mut conn, auth.0, id.0).await?;
+        let run = runs::get(&mut conn, auth.0.tenant_id, id.0).await?;
+        let steps = steps::list(&mut conn, auth.0.tenant_id, id.0).await?;
         Ok(Json(RunDetail { run, steps }))
     }
 
@@ -218,11 +223,19 @@ impl RunsApi {
         #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
     ) -> Result<Json<EventPage>, ApiError> {
+        auth.0.require(Scope::Runs)?;
         let limit = i64::from(limit.0.unwrap_or(100));
         let mut conn = self.pool.acquire().await?;
         // 404 for a run of another tenant, not an empty page.
-        runs::get(&mut conn, auth.0, id.0).await?;
-        let events = events::list(&mut conn, auth.0, id.0, after.0.unwrap_or(0), limit).await?;
+        runs::get(&mut conn, auth.0.tenant_id, id.0).await?;
+        let events = events::list(
+            &mut conn,
+            auth.0.tenant_id,
+            id.0,
+            after.0.unwrap_or(0),
+            limit,
+        )
+        .await?;
         let next_cursor = if events.len() as i64 == limit {
             events.last().map(|event| event.id)
         } else {
@@ -244,8 +257,9 @@ impl RunsApi {
         operation_id = "cancel_run"
     )]
     async fn cancel(&self, auth: TenantAuth, id: Path<Uuid>) -> Result<Json<Run>, ApiError> {
+        auth.0.require(Scope::Runs)?;
         let mut tx = self.pool.begin().await?;
-        let run = runs::cancel(&mut tx, auth.0, id.0).await?;
+        let run = runs::cancel(&mut tx, auth.0.tenant_id, id.0).await?;
         tx.commit().await?;
         Ok(Json(run))
     }
@@ -260,6 +274,7 @@ impl RunsApi {
         auth: TenantAuth,
         body: ApiJson<RetryRuns>,
     ) -> Result<Json<RetriedRuns>, ApiError> {
+        auth.0.require(Scope::Runs)?;
         let filter = body.0;
         if !(1..=MAX_BATCH as i64).contains(&filter.limit) {
             return Err(ApiError::Unprocessable(format!(
@@ -267,16 +282,34 @@ impl RunsApi {
                 filter.limit
             )));
         }
-        let mut conn = self.pool.acquire().await?;
+        let mut tx = self.pool.begin().await?;
         let ids = runs::retry_many(
-            &mut conn,
-            auth.0,
+            &mut tx,
+            auth.0.tenant_id,
             filter.status.into(),
             filter.queue.as_deref(),
             filter.project_id,
             filter.limit,
         )
         .await?;
+        if !ids.is_empty() {
+            audit::record(
+                &mut tx,
+                auth.0.tenant_id,
+                &auth.0.actor(),
+                audit::RUNS_BULK_RETRY,
+                "runs",
+                serde_json::json!({
+                    "status": RunStatus::from(filter.status).as_str(),
+                    "queue": filter.queue,
+                    "project_id": filter.project_id,
+                    "limit": filter.limit,
+                    "retried": ids.len(),
+                }),
+            )
+            .await?;
+        }
+        tx.commit().await?;
         Ok(Json(RetriedRuns { ids }))
     }
 
@@ -286,8 +319,9 @@ impl RunsApi {
     /// first unfinished step.
     #[oai(path = "/runs/:id/retry", method = "post", operation_id = "retry_run")]
     async fn retry(&self, auth: TenantAuth, id: Path<Uuid>) -> Result<Json<Run>, ApiError> {
+        auth.0.require(Scope::Runs)?;
         let mut tx = self.pool.begin().await?;
-        let run = runs::retry(&mut tx, auth.0, id.0).await?;
+        let run = runs::retry(&mut tx, auth.0.tenant_id, id.0).await?;
         tx.commit().await?;
         Ok(Json(run))
     }

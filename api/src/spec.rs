@@ -60,13 +60,15 @@ fn add_extra_schemas(document: &mut Value) {
 /// - The answers that create runs carry OpenAPI `links` to the operations
 ///   that take a run id (see [`link_created_runs`]), so clients and
 ///   stateful testers know where an id comes from.
-/// - `metadata` of a new run is stated to be an object, as the server requires.
+/// - `metadata` of a new run is stated to be an object, as the server requires,
+///   and the production override's confirmations as required `true`s.
 pub(crate) fn portable(document: &mut Value) {
     if let Some(top) = document.as_object_mut() {
         top.remove("webhooks");
     }
     link_created_runs(document);
     object_metadata(document);
+    confirmations_required(document);
     close_request_bodies(document);
     // Before the `$ref`s lose their wrappers, which carry the defaults.
     if let Some(schemas) = document
@@ -90,6 +92,33 @@ fn object_metadata(document: &mut Value) {
     {
         metadata.insert("type".to_owned(), Value::String("object".to_owned()));
     }
+}
+
+/// The production override takes each of its three confirmations only as an
+/// explicit `true`; the schema says so (required, `enum: [true]`), so a
+/// request with fewer is invalid by the document as well as refused (422
+/// naming the missing ones) by the server.
+fn confirmations_required(document: &mut Value) {
+    const CONFIRMATIONS: [&str; 3] = [
+        "not_customer_facing",
+        "no_real_secrets",
+        "accept_unsafe_agent_behavior",
+    ];
+    let Some(schema) = document
+        .pointer_mut("/components/schemas/EnableProductionOverride")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        for name in CONFIRMATIONS {
+            if let Some(field) = properties.get_mut(name).and_then(Value::as_object_mut) {
+                field.remove("nullable");
+                field.insert("enum".to_owned(), serde_json::json!([true]));
+            }
+        }
+    }
+    schema.insert("required".to_owned(), serde_json::json!(CONFIRMATIONS));
 }
 
 /// Operations that take a run's id in their path, by operation id.

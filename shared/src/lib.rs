@@ -5,6 +5,8 @@
 //! - [`db`]: every SQL statement runq runs, one module per table family. Each
 //!   function takes `&mut PgConnection` so the caller owns the transaction.
 //! - [`protocol`]: what a worker claims and hands back (leases, outcomes).
+//! - [`tenancy`]: the payloads of a tenant's settings (tokens, projects, the
+//!   audit log).
 //! - [`storable`]: whether a JSON value can be stored in `jsonb`.
 //! - [`config`]: clap-derived settings shared by the `runq` subcommands.
 #![warn(missing_docs)]
@@ -14,7 +16,9 @@ pub mod db;
 pub mod model;
 pub mod protocol;
 pub mod storable;
+pub mod tenancy;
 
 pub use db::runs::{enqueue, enqueue_many};
 pub use db::DbError;
 pub use model::*;
+pub use tenancy::*;

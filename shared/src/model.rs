@@ -679,6 +679,10 @@ pub struct StepInput {
     pub results: Vec<Value>,
     /// The run's metadata.
     pub metadata: Value,
+    /// The run's project (its `target_url` is where the target is), or
+    /// null for a run without one.
+    #[serde(default)]
+    pub project: Option<crate::tenancy::StepProject>,
 }
 
 /// The body of `POST /v1/runs/batch`.

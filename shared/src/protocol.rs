@@ -62,6 +62,8 @@ pub struct ClaimedRun {
     pub started_at: DateTime<Utc>,
     /// The pipeline, in order, with earlier checkpoints.
     pub steps: Vec<ClaimedStep>,
+    /// The run's project, handed to each step.
+    pub project: Option<crate::tenancy::StepProject>,
 }
 
 impl ClaimedRun {

@@ -83,8 +83,27 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
         .filter(|(_, schema)| schema["additionalProperties"] == json!(false))
         .map(|(name, _)| name.as_str())
         .collect();
-    assert_eq!(closed, ["CreateRun", "CreateRuns", "NewStep", "RetryRuns"]);
+    assert_eq!(
+        closed,
+        [
+            "CreateProject",
+            "CreateRun",
+            "CreateRuns",
+            "CreateToken",
+            "EnableProductionOverride",
+            "NewStep",
+            "RetryRuns",
+            "UpdateProject"
+        ]
+    );
     for (name, refused) in [
+        ("CreateProject", refuses::<runq_shared::CreateProject>()),
+        ("CreateToken", refuses::<runq_shared::CreateToken>()),
+        (
+            "EnableProductionOverride",
+            refuses::<runq_shared::EnableProductionOverride>(),
+        ),
+        ("UpdateProject", refuses::<runq_shared::UpdateProject>()),
         ("CreateRun", refuses::<CreateRun>()),
         ("CreateRuns", refuses::<runq_shared::CreateRuns>()),
         ("NewStep", refuses::<NewStep>()),
@@ -225,6 +244,46 @@ fn serde_and_openapi_forms_agree() {
         prev: Value::Null,
         results: vec![],
         metadata: json!({}),
+        project: Some(runq_shared::StepProject {
+            id: uuid::Uuid::now_v7(),
+            name: "shop".into(),
+            environment: runq_shared::Environment::Staging,
+            target_url: Some("http://shop.test".into()),
+        }),
+    });
+    let id = uuid::Uuid::now_v7();
+    agree(runq_shared::Project {
+        id,
+        name: "shop".into(),
+        environment: runq_shared::Environment::Prod,
+        target_url: Some("http://shop".into()),
+        production_override: Some(runq_shared::ProductionOverride {
+            enabled_by: Some(id),
+            enabled_at: now,
+        }),
+        created_at: now,
+    });
+    agree(runq_shared::CreatedToken {
+        token: "runq_x".into(),
+        id,
+        name: "ci".into(),
+        scopes: vec![runq_shared::Scope::Ingest],
+        project_id: Some(id),
+        created_at: now,
+    });
+    agree(runq_shared::EnableProductionOverride {
+        not_customer_facing: Some(true),
+        no_real_secrets: Some(false),
+        accept_unsafe_agent_behavior: None,
+    });
+    agree(runq_shared::AuditEntry {
+        id: 7,
+        actor: format!("token:{id}"),
+        actor_token_id: Some(id),
+        action: "token.create".into(),
+        target: format!("token:{id}"),
+        details: json!({ "scopes": ["admin"] }),
+        created_at: now,
     });
 }
 

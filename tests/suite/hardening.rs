@@ -503,6 +503,7 @@ async fn target_notices_an_abandoned_request() {
         prev: Value::Null,
         results: Vec::new(),
         metadata: json!({}),
+        project: None,
     };
     let client = reqwest::Client::new();
     let (abandoned, answered) = (step(1), step(2));

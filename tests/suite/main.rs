@@ -17,3 +17,4 @@ mod isolation;
 mod load;
 mod properties;
 mod shutdown;
+mod tenancy;

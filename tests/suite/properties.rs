@@ -49,12 +49,22 @@ async fn api_keeps_its_spec_under_generated_requests() {
             .args(["--checks", "all"])
             .args(["--max-examples", "25"])
             .args(["--seed", "20261201"])
-            .args(["--workers", "2"])
+            // One worker: hypothesis' caches are not safe across threads (a
+            // second worker has failed the run with an internal error).
+            .args(["--workers", "1"])
             .args(["--request-timeout", "10"])
             // `\u0000` inside free-form JSON (metadata, step input) is refused
             // with a 422, which JSON Schema cannot state; the spec says it in
             // prose, and tests/suite/hardening.rs covers it.
             .args(["--generation-allow-x00", "false"])
+            // Revoking a token is covered by tests/suite/tenancy.rs; here the
+            // stateful phase could revoke the test's own token (its id is in
+            // `GET /v1/tokens`) and leave every later request a 401.
+            .args(["--exclude-operation-id", "revoke_token"])
+            // `project_id` is required with the `ingest` scope and refused
+            // without it, a rule between two fields that OpenAPI 3.0 cannot
+            // state (its description does); tests/suite/tenancy.rs covers it.
+            .args(["--exclude-operation-id", "create_token"])
             .env("SCHEMATHESIS_HOOKS", "hooks")
             .env(
                 "PYTHONPATH",
@@ -88,5 +98,10 @@ async fn api_keeps_its_spec_under_generated_requests() {
         output.status.success(),
         "schemathesis found the API and its spec disagree:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+    // A run that reached no operation past authentication proves nothing.
+    assert!(
+        !stdout.contains("Authentication failed"),
+        "schemathesis could not authenticate:\n{stdout}"
     );
 }

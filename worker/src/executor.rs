@@ -203,6 +203,7 @@ async fn pipeline(
             prev: results.last().cloned().unwrap_or(Value::Null),
             results: results.clone(),
             metadata: run.metadata.clone(),
+            project: run.project.clone(),
         };
         let mut events = Events::default();
         let result = run_step(

@@ -9,11 +9,14 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub mod audit;
 pub mod events;
 pub mod outbox;
+pub mod projects;
 pub mod runs;
 pub mod steps;
 pub mod tenants;
+pub mod tokens;
 pub mod workers;
 
 /// The embedded migrations under `migrations/`.
@@ -45,6 +48,27 @@ pub enum DbError {
     /// The referenced project does not exist for this tenant.
     #[error("project {0} not found")]
     ProjectNotFound(uuid::Uuid),
+    /// A run names a `prod` project whose production override is off.
+    #[error(
+        "project '{name}' ({id}) is a prod project and its production override is off, so \
+         runs against it are refused; an admin token can turn the override on with \
+         POST /v1/projects/{id}/production-override and the three confirmations"
+    )]
+    ProductionRefused {
+        /// The project.
+        id: uuid::Uuid,
+        /// Its name.
+        name: String,
+    },
+    /// Another project of the tenant has this name.
+    #[error("a project named '{0}' already exists")]
+    ProjectNameTaken(String),
+    /// No token with this id is visible to the tenant.
+    #[error("token {0} not found")]
+    TokenNotFound(uuid::Uuid),
+    /// No tenant has this name.
+    #[error("tenant '{0}' not found")]
+    TenantNotFound(String),
     /// An idempotency key was used before by a different request.
     #[error("idempotency key '{0}' was already used with different parameters; use a new key for a new request")]
     IdempotencyMismatch(String),

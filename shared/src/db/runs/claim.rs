@@ -7,6 +7,7 @@ use sqlx::PgConnection;
 use crate::db::DbError;
 use crate::model::WorkerId;
 use crate::protocol::{ClaimedRun, ClaimedStep, Lease};
+use crate::tenancy::StepProject;
 
 /// Claims up to `limit` pending runs of `queues` for `worker`, FIFO within a
 /// priority (DESIGN.md, Claim), with a lease of `lease_ms`, writing a
@@ -67,7 +68,13 @@ pub async fn claim(
                     'position', s.position, 'name', s.name, 'kind', s.kind, 'input', s.input,
                     'timeout_seconds', s.timeout_seconds, 'status', s.status,
                     'output', s.output) ORDER BY s.position)
-                FROM run_steps s WHERE s.run_id = c.id) AS "steps!: Json<Vec<ClaimedStep>>"
+                FROM run_steps s WHERE s.run_id = c.id) AS "steps!: Json<Vec<ClaimedStep>>",
+               -- One primary-key probe, only for runs that name a project.
+               CASE WHEN c.project_id IS NOT NULL THEN
+                   (SELECT json_build_object('id', p.id, 'name', p.name,
+                        'environment', p.environment, 'target_url', p.target_url)
+                    FROM projects p WHERE p.id = c.project_id)
+               END AS "project: Json<StepProject>"
         FROM claimed c
         ORDER BY c.priority DESC, c.run_at, c.id
         "#,
@@ -93,6 +100,7 @@ pub async fn claim(
             metadata: row.metadata,
             started_at: row.started_at,
             steps: row.steps.0,
+            project: row.project.map(|project| project.0),
         })
         .collect())
 }

@@ -41,6 +41,7 @@ pub async fn enqueue(conn: &mut PgConnection, run: NewRun) -> Result<Enqueued, D
 ///
 /// [`DbError::Invalid`] for a run [`NewRun::validate`] refuses (nothing is
 /// inserted), [`DbError::ProjectNotFound`] for a project of another tenant,
+/// [`DbError::ProductionRefused`] for a `prod` project without its override,
 /// [`DbError::IdempotencyMismatch`] (roll back the transaction: other runs of
 /// the call may have been inserted), else database errors.
 pub async fn enqueue_many(
@@ -243,7 +244,8 @@ async fn existing_by_key(
         .collect())
 }
 
-/// Refuses runs that name a project their tenant does not own.
+/// Refuses runs that name a project their tenant does not own, or a `prod`
+/// project whose production override is off: one statement for the batch.
 async fn check_projects(conn: &mut PgConnection, runs: &[NewRun]) -> Result<(), DbError> {
     let mut wanted: Vec<(TenantId, Uuid)> = runs
         .iter()
@@ -255,9 +257,21 @@ async fn check_projects(conn: &mut PgConnection, runs: &[NewRun]) -> Result<(), 
     wanted.sort_unstable();
     wanted.dedup();
     let (tenants, projects): (Vec<_>, Vec<_>) = wanted.iter().copied().unzip();
-    let found = crate::db::tenants::projects_owned(conn, &tenants, &projects).await?;
-    match wanted.iter().find(|pair| !found.contains(pair)) {
-        Some((_, project)) => Err(DbError::ProjectNotFound(*project)),
-        None => Ok(()),
+    let gates = crate::db::projects::gates(conn, &tenants, &projects).await?;
+    for (tenant, project) in &wanted {
+        match gates
+            .iter()
+            .find(|gate| gate.tenant_id == *tenant && gate.id == *project)
+        {
+            None => return Err(DbError::ProjectNotFound(*project)),
+            Some(gate) if !gate.open => {
+                return Err(DbError::ProductionRefused {
+                    id: gate.id,
+                    name: gate.name.clone(),
+                })
+            }
+            Some(_) => {}
+        }
     }
+    Ok(())
 }
