@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use runq_shared::config::{ApiConfig, DatabaseArgs, WorkerConfig};
+use runq_shared::config::{ApiConfig, DatabaseArgs, QuotaArgs, WorkerConfig};
 use runq_shared::db;
+use runq_shared::quotas::{Plan, TenantQuotas};
 use runq_worker::Worker;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,8 @@ enum Command {
         database: DatabaseArgs,
         #[command(flatten)]
         api: ApiConfig,
+        #[command(flatten)]
+        quotas: QuotaArgs,
         /// Do not apply pending migrations at start.
         #[arg(long, env = "RUNQ_NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
         no_migrate: bool,
@@ -39,6 +42,8 @@ enum Command {
         database: DatabaseArgs,
         #[command(flatten)]
         worker: WorkerConfig,
+        #[command(flatten)]
+        quotas: QuotaArgs,
         /// Do not apply pending migrations at start.
         #[arg(long, env = "RUNQ_NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
         no_migrate: bool,
@@ -55,6 +60,8 @@ enum Command {
         api: ApiConfig,
         #[command(flatten)]
         worker: WorkerConfig,
+        #[command(flatten)]
+        quotas: QuotaArgs,
     },
     /// Apply pending migrations and exit.
     Migrate {
@@ -124,8 +131,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Api {
             database,
             api,
+            quotas,
             no_migrate,
         } => {
+            quotas.apply();
             let pool = connect(&database, !no_migrate).await?;
             tracing::info!(listen = %api.listen, "api listening");
             runq_api::serve(pool, &api, shutdown_signal()?.cancelled_owned())
@@ -135,8 +144,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Worker {
             database,
             worker,
+            quotas,
             no_migrate,
         } => {
+            quotas.apply();
             let pool = connect(&database, !no_migrate).await?;
             Worker::new(pool, worker).run(shutdown_signal()?).await?;
         }
@@ -145,7 +156,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             throwaway,
             api,
             worker,
-        } => dev(database, throwaway, api, worker).await?,
+            quotas,
+        } => {
+            quotas.apply();
+            dev(database, throwaway, api, worker).await?
+        }
         Command::Migrate { database } => {
             let Some(url) = database.url.as_deref() else {
                 bail!("no database: set DATABASE_URL or pass --database-url");
@@ -257,6 +272,8 @@ async fn dev(
     let pool = open_pool(&picked.url, &database, true).await?;
     let mut conn = pool.acquire().await?;
     let tenant = db::tenants::ensure(&mut conn, "dev").await?;
+    // A newcomer's first hundred runs must not meet the free tier's limits.
+    db::quotas::set(&mut conn, tenant, &TenantQuotas::plan(Plan::Unlimited)).await?;
     let token = db::tenants::create_token(&mut conn, tenant, "dev").await?;
     drop(conn);
     let listener = std::net::TcpListener::bind(&api.listen)

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 mod params;
+pub mod quotas;
 pub mod runs;
 mod spec;
 
@@ -22,6 +23,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::error::ApiError;
 use crate::params::{Asked, Parameters};
+use crate::quotas::QuotasApi;
 use crate::runs::RunsApi;
 
 /// A future that resolves when the server should stop.
@@ -61,13 +63,17 @@ impl HealthApi {
     }
 }
 
-fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<(RunsApi, HealthApi), ()> {
+fn service(
+    pool: PgPool,
+    config: &ApiConfig,
+) -> OpenApiService<(RunsApi, QuotasApi, HealthApi), ()> {
     let runs = RunsApi {
         pool: pool.clone(),
         step_kinds: config.step_kinds.clone(),
     };
+    let quotas = QuotasApi { pool: pool.clone() };
     OpenApiService::new(
-        (runs, HealthApi { pool }),
+        (runs, quotas, HealthApi { pool }),
         "runq",
         env!("CARGO_PKG_VERSION"),
     )

@@ -5,6 +5,7 @@
 //! - [`db`]: every SQL statement runq runs, one module per table family. Each
 //!   function takes `&mut PgConnection` so the caller owns the transaction.
 //! - [`protocol`]: what a worker claims and hands back (leases, outcomes).
+//! - [`quotas`]: plans, per-tenant quotas and their API payloads.
 //! - [`storable`]: whether a JSON value can be stored in `jsonb`.
 //! - [`config`]: clap-derived settings shared by the `runq` subcommands.
 #![warn(missing_docs)]
@@ -13,6 +14,7 @@ pub mod config;
 pub mod db;
 pub mod model;
 pub mod protocol;
+pub mod quotas;
 pub mod storable;
 
 pub use db::runs::{enqueue, enqueue_many};

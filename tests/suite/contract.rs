@@ -83,12 +83,30 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
         .filter(|(_, schema)| schema["additionalProperties"] == json!(false))
         .map(|(name, _)| name.as_str())
         .collect();
-    assert_eq!(closed, ["CreateRun", "CreateRuns", "NewStep", "RetryRuns"]);
+    assert_eq!(
+        closed,
+        [
+            "CreateRun",
+            "CreateRuns",
+            "NewStep",
+            "QuotaOverrides",
+            "RetryRuns",
+            "TenantQuotas"
+        ]
+    );
     for (name, refused) in [
         ("CreateRun", refuses::<CreateRun>()),
         ("CreateRuns", refuses::<runq_shared::CreateRuns>()),
         ("NewStep", refuses::<NewStep>()),
         ("RetryRuns", refuses::<runq_shared::RetryRuns>()),
+        (
+            "QuotaOverrides",
+            refuses::<runq_shared::quotas::QuotaOverrides>(),
+        ),
+        (
+            "TenantQuotas",
+            refuses::<runq_shared::quotas::TenantQuotas>(),
+        ),
     ] {
         assert!(
             refused,

@@ -15,4 +15,5 @@ mod faults;
 mod hardening;
 mod isolation;
 mod load;
+mod quotas;
 mod shutdown;

@@ -40,8 +40,13 @@ pub(crate) struct Context {
     pub(crate) max_output_bytes: usize,
 }
 
-/// How long `run` may execute: its own timeout, capped by the server's limit.
+/// How long `run` may execute: the shortest of its own timeout, its
+/// tenant's `run_duration_minutes` quota and the server's limit.
 fn duration_limit(run: &ClaimedRun, cap: Duration) -> Duration {
+    let cap = match run.duration_cap_seconds {
+        Some(seconds) if seconds > 0 => cap.min(Duration::from_secs(seconds as u64)),
+        _ => cap,
+    };
     match run.timeout_seconds {
         Some(seconds) if seconds > 0 => cap.min(Duration::from_secs(seconds as u64)),
         _ => cap,
@@ -191,6 +196,9 @@ async fn pipeline(
         });
     };
     let last = run.steps.len() - 1;
+    // Events of this run so far, earlier attempts included (the claim counts
+    // them when a cap applies).
+    let mut recorded = run.events_recorded;
     for (index, step) in run.steps.iter().enumerate().skip(first) {
         let position = index as i32;
         let started_at = Utc::now();
@@ -229,10 +237,36 @@ async fn pipeline(
                 error,
             })
         };
-        let output = match result {
+        if let Err(error) = &result {
             // Events of a step whose output cannot be stored are dropped with
             // it: they may be what cannot be stored.
-            Err(error) if is_vetting(&error) => return failed(error),
+            if is_vetting(error) {
+                return failed(error.clone());
+            }
+        }
+        if let Some(cap) = run.event_cap {
+            let total = recorded.saturating_add(events.0.len() as i64);
+            if total > cap {
+                // The events up to the cap are kept; the step's output is
+                // not, and the run stops here whatever the step returned.
+                let keep = usize::try_from(cap.saturating_sub(recorded)).unwrap_or(0);
+                events.0.truncate(keep);
+                final_events.extend(step_events(lease, position, events));
+                tracing::warn!(position, cap, "event cap reached; stopping the run");
+                return Some(Outcome::Stopped {
+                    error: RunError::new(
+                        ErrorReason::EventCap,
+                        format!(
+                            "the run recorded more than its cap of {cap} events \
+                             (quota run_events)"
+                        ),
+                        Some(position),
+                    ),
+                });
+            }
+            recorded = total;
+        }
+        let output = match result {
             Err(error) => {
                 final_events.extend(step_events(lease, position, events));
                 return failed(error);
