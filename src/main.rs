@@ -79,6 +79,11 @@ enum Command {
         #[arg(long, default_value = "cli")]
         name: String,
     },
+    /// Manage tenants (operators: direct database access).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
     /// Submit a run through the API.
     Enqueue(client::EnqueueArgs),
     /// Show a run, its steps and its failed attempts; the exit status says
@@ -93,6 +98,25 @@ enum Command {
     Openapi,
     /// The load tool: enqueue, drain and latency figures as one JSON line.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Show a tenant's quotas, or change its plan and overrides; prints the
+    /// quotas as they then stand, as JSON (`GET /v1/quotas`'s document).
+    Quota {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The tenant's name.
+        name: String,
+        /// Put the tenant on this plan.
+        #[arg(long, value_enum)]
+        plan: Option<Plan>,
+        /// Override one quota: `runs_per_day=100`, or `runs_per_day=plan` to
+        /// go back to the plan's number. Repeatable.
+        #[arg(long = "set", value_name = "QUOTA=VALUE", value_parser = runq_shared::quotas::parse_setting)]
+        set: Vec<(runq_shared::quotas::Quota, Option<i64>)>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -179,6 +203,34 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let tenant_id = db::tenants::ensure(&mut conn, &tenant).await?;
             let token = db::tenants::create_token(&mut conn, tenant_id, &name).await?;
             println!("{token}");
+        }
+        Command::Tenant {
+            command:
+                TenantCommand::Quota {
+                    database,
+                    name,
+                    plan,
+                    set,
+                },
+        } => {
+            let pool = connect(&database, true).await?;
+            let mut tx = pool.begin().await?;
+            let Some(tenant) = db::quotas::tenant_named(&mut tx, &name).await? else {
+                bail!("no tenant named '{name}'");
+            };
+            if plan.is_some() || !set.is_empty() {
+                let mut settings = db::quotas::get(&mut tx, tenant).await?;
+                if let Some(plan) = plan {
+                    settings.plan = plan;
+                }
+                for (quota, limit) in set {
+                    settings.overrides.set(quota, limit);
+                }
+                db::quotas::set(&mut tx, tenant, &settings).await?;
+            }
+            let report = db::quotas::report(&mut tx, tenant).await?;
+            tx.commit().await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Enqueue(args) => client::enqueue(args).await?,
         Command::Status(args) => return client::status(args).await,

@@ -207,6 +207,41 @@ impl QuotaOverrides {
     }
 }
 
+/// Reads one override as an operator writes it: `runs_per_day=100` sets
+/// one, `runs_per_day=plan` removes it (the plan's number applies again).
+///
+/// # Errors
+///
+/// An unknown quota name, a missing `=`, or a value that is neither `plan`
+/// nor a whole number in range, each named.
+pub fn parse_setting(text: &str) -> Result<(Quota, Option<i64>), String> {
+    let Some((name, value)) = text.split_once('=') else {
+        return Err(format!(
+            "override '{text}' must be QUOTA=NUMBER or QUOTA=plan"
+        ));
+    };
+    let names = || {
+        Quota::ALL
+            .iter()
+            .map(|quota| quota.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let quota = Quota::parse(name.trim())
+        .ok_or_else(|| format!("unknown quota '{name}'; quotas are {}", names()))?;
+    let value = value.trim();
+    if value == "plan" {
+        return Ok((quota, None));
+    }
+    let limit = value.parse::<i64>().map_err(|_| {
+        format!("override of {name} must be a whole number or 'plan', got '{value}'")
+    })?;
+    let mut overrides = QuotaOverrides::default();
+    overrides.set(quota, Some(limit));
+    overrides.validate()?;
+    Ok((quota, Some(limit)))
+}
+
 /// A tenant's quota settings: its plan and overrides. Also the body of
 /// `PUT /v1/quotas`.
 #[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -304,6 +339,22 @@ mod tests {
         assert_eq!(unlimited.limit(Quota::RunEvents), None);
         unlimited.overrides.set(Quota::RunEvents, Some(5));
         assert_eq!(unlimited.limit(Quota::RunEvents), Some(5));
+    }
+
+    #[test]
+    fn operator_settings_parse_or_name_the_mistake() {
+        assert_eq!(
+            parse_setting("runs_per_day=100"),
+            Ok((Quota::RunsPerDay, Some(100)))
+        );
+        assert_eq!(parse_setting("projects=plan"), Ok((Quota::Projects, None)));
+        assert!(parse_setting("runs=1")
+            .expect_err("unknown")
+            .contains("unknown quota 'runs'"));
+        assert!(parse_setting("projects=-1")
+            .expect_err("negative")
+            .contains("at least 0, got -1"));
+        assert!(parse_setting("projects").is_err());
     }
 
     #[test]

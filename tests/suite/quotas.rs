@@ -400,3 +400,96 @@ async fn unlimited_tenant_is_not_counted() {
         TenantQuotas::plan(Plan::Unlimited)
     );
 }
+
+/// An operator changes any tenant's quotas from the command line: `runq
+/// tenant quota NAME --plan unlimited --set runs_per_day=100` stores both and
+/// prints the resulting report; `--set runs_per_day=plan` removes the
+/// override; an unknown tenant or quota fails naming it, changing nothing.
+#[tokio::test]
+async fn operator_sets_quotas_from_the_cli() {
+    let db = TestDb::new().await;
+    let tenant = db.default_plan_tenant("acme").await;
+    let runq = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_runq"))
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("runq runs")
+    };
+
+    let out = runq(&[
+        "tenant",
+        "quota",
+        "acme",
+        "--plan",
+        "unlimited",
+        "--set",
+        "runs_per_day=100",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let report: QuotaReport = serde_json::from_slice(&out.stdout).expect("report JSON");
+    assert_eq!(report.plan, Plan::Unlimited);
+    assert_eq!(report.overrides.runs_per_day, Some(100));
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let stored = quotas::get(&mut conn, tenant).await.expect("get");
+    assert_eq!(stored.limit(Quota::RunsPerDay), Some(100));
+    assert_eq!(stored.limit(Quota::Projects), None);
+
+    let out = runq(&["tenant", "quota", "acme", "--set", "runs_per_day=plan"]);
+    assert!(out.status.success(), "{out:?}");
+    let stored = quotas::get(&mut conn, tenant).await.expect("get");
+    assert_eq!(stored, TenantQuotas::plan(Plan::Unlimited));
+
+    let out = runq(&["tenant", "quota", "nobody", "--plan", "free"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tenant named 'nobody'"));
+    let out = runq(&["tenant", "quota", "acme", "--set", "runs=1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown quota 'runs'"));
+    let stored = quotas::get(&mut conn, tenant).await.expect("get");
+    assert_eq!(stored, TenantQuotas::plan(Plan::Unlimited));
+}
+
+/// `PUT /v1/quotas` refuses settings it cannot store with a 422 naming the
+/// field (an unknown plan, a negative override, an unknown quota) and
+/// changes nothing.
+#[tokio::test]
+async fn bad_quota_settings_are_refused_with_422() {
+    let db = TestDb::new().await;
+    let tenant = db.default_plan_tenant("acme").await;
+    let token = token(&db, tenant).await;
+    let api = TestApi::start(db.pool.clone(), TestApi::config());
+    let client = Client::new();
+    for (body, names) in [
+        (json!({ "plan": "gold" }), "plan"),
+        (
+            json!({ "plan": "free", "overrides": { "runs_per_day": -1 } }),
+            "overrides.runs_per_day",
+        ),
+        (
+            json!({ "plan": "free", "overrides": { "runs": 1 } }),
+            "runs",
+        ),
+    ] {
+        let response = client
+            .put(format!("{}/v1/quotas", api.base))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}"
+        );
+        let problem: Value = response.json().await.expect("problem");
+        let detail = problem["detail"].as_str().expect("detail");
+        assert!(detail.contains(names), "{body}: {detail}");
+    }
+    assert_eq!(
+        db.scalar::<i64>("SELECT count(*) FROM tenant_quotas").await,
+        0
+    );
+}

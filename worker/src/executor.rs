@@ -430,3 +430,42 @@ fn json_size(value: &Value) -> usize {
     let _ = count.flush();
     count.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runq_shared::protocol::ClaimedRun;
+
+    fn run(timeout_seconds: Option<i32>, duration_cap_seconds: Option<i64>) -> ClaimedRun {
+        ClaimedRun {
+            lease: Lease {
+                id: uuid::Uuid::now_v7(),
+                token: 1,
+                attempt: 1,
+            },
+            tenant_id: uuid::Uuid::now_v7(),
+            queue: "default".to_owned(),
+            max_attempts: 1,
+            timeout_seconds,
+            metadata: Value::Null,
+            started_at: Utc::now(),
+            steps: Vec::new(),
+            event_cap: None,
+            duration_cap_seconds,
+            events_recorded: 0,
+        }
+    }
+
+    /// The duration cap is the shortest of the run's timeout, the tenant's
+    /// `run_duration_minutes` and the server's cap.
+    #[test]
+    fn duration_limit_is_the_shortest_cap() {
+        let server = Duration::from_secs(900);
+        let limit = |timeout, tenant| duration_limit(&run(timeout, tenant), server).as_secs();
+        assert_eq!(limit(None, None), 900);
+        assert_eq!(limit(None, Some(60)), 60);
+        assert_eq!(limit(Some(30), Some(60)), 30);
+        assert_eq!(limit(Some(120), Some(60)), 60);
+        assert_eq!(limit(Some(2_000), Some(3_600)), 900);
+    }
+}

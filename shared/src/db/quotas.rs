@@ -92,6 +92,24 @@ pub async fn set(
     Ok(before)
 }
 
+/// The tenant named `name`, if there is one (for operators, who name
+/// tenants; kept here rather than in `tenants` while that module is being
+/// reworked on another branch).
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn tenant_named(
+    conn: &mut PgConnection,
+    name: &str,
+) -> Result<Option<TenantId>, DbError> {
+    Ok(
+        sqlx::query_scalar!("SELECT id FROM tenants WHERE name = $1", name)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
 /// Records a change of `tenant`'s quotas for the audit trail.
 ///
 /// For now a structured log line: the audit log (`audit_log`,
