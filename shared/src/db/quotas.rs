@@ -88,7 +88,7 @@ pub async fn set(
     )
     .execute(&mut *conn)
     .await?;
-    record_quota_change(tenant, &before, quotas);
+    record_quota_change(conn, tenant, &before, quotas).await?;
     Ok(before)
 }
 
@@ -110,12 +110,19 @@ pub async fn tenant_named(
     )
 }
 
-/// Records a change of `tenant`'s quotas for the audit trail.
+/// Records a change of `tenant`'s quotas for the audit trail, in the
+/// transaction of the change.
 ///
 /// For now a structured log line: the audit log (`audit_log`,
-/// `db::audit::record`) lands on another branch, and this function is where
-/// it gets called from when the two meet.
-pub fn record_quota_change(tenant: TenantId, before: &TenantQuotas, after: &TenantQuotas) {
+/// `db::audit::record`) lands on another branch, and this function's body
+/// becomes a call of it when the two meet (action `quota.update`, the
+/// settings before and after as its data).
+async fn record_quota_change(
+    _conn: &mut PgConnection,
+    tenant: TenantId,
+    before: &TenantQuotas,
+    after: &TenantQuotas,
+) -> Result<(), DbError> {
     tracing::info!(
         tenant.id = %tenant,
         action = "quota.update",
@@ -123,6 +130,7 @@ pub fn record_quota_change(tenant: TenantId, before: &TenantQuotas, after: &Tena
         after = %serde_json::to_string(after).unwrap_or_default(),
         "tenant quotas changed"
     );
+    Ok(())
 }
 
 /// Takes `tenant`'s quota lock until the transaction ends. Outside a
