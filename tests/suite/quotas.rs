@@ -13,7 +13,7 @@ use runq_shared::{DbError, NewRun, TenantId};
 use runq_worker::Worker;
 use serde_json::{json, Value};
 
-use crate::support::handlers::ManyEvents;
+use crate::support::handlers::{Executions, FailOnce, ManyEvents};
 use crate::support::{echo_run, token, worker_config, RunningWorker, TestApi, TestDb};
 
 async fn post_run(client: &Client, api: &TestApi, token: &str, key: Option<&str>) -> Response {
@@ -297,7 +297,8 @@ async fn third_project_is_refused_until_the_quota_is_raised() {
 /// The per-run event cap stops a run as `stopped_quota` with reason
 /// `event_cap`, keeping the events up to the cap: with an override of 5, a
 /// second step's events that pass it stop the run after step 0 succeeded
-/// (5 events kept); on the free plan's 5,000, a step recording 5,001 events
+/// (5 events kept), and events of an earlier attempt count (a run whose
+/// first attempt recorded 3 is stopped on its second); on the free plan's 5,000, a step recording 5,001 events
 /// is stopped with 5,000 kept, while one recording exactly 5,000 succeeds.
 #[tokio::test]
 async fn event_past_the_cap_stops_the_run() {
@@ -309,7 +310,16 @@ async fn event_past_the_cap_stops_the_run() {
     let capped = db
         .enqueue(
             small,
-            vec![runq_shared::CreateRun::new(vec![step(3), step(3)])],
+            vec![
+                runq_shared::CreateRun::new(vec![step(3), step(3)]),
+                // Attempt 1 records 3 events and fails at step 1; attempt 2
+                // resumes there and its 3 more pass the cap of 5.
+                runq_shared::CreateRun::new(vec![
+                    step(3),
+                    runq_shared::NewStep::new("flaky", "fail_once", json!({})),
+                    step(3),
+                ]),
+            ],
         )
         .await;
     let runs = db
@@ -321,8 +331,13 @@ async fn event_past_the_cap_stops_the_run() {
             ],
         )
         .await;
-    let worker =
-        RunningWorker::start(Worker::new(db.new_pool(4), worker_config(3)).register(ManyEvents));
+    let worker = RunningWorker::start(
+        Worker::new(db.new_pool(4), worker_config(3))
+            .register(ManyEvents)
+            .register(FailOnce {
+                executions: Executions::default(),
+            }),
+    );
     db.wait_all_terminal(Duration::from_secs(20)).await;
     worker.stop().await;
 
@@ -351,6 +366,16 @@ async fn event_past_the_cap_stops_the_run() {
             .await
             .expect("step");
     assert_eq!(first_step, "succeeded");
+    assert_eq!(
+        outcome(capped[1].id).await,
+        ("stopped_quota".to_owned(), Some("event_cap".to_owned()), 5)
+    );
+    let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM runs WHERE id = $1")
+        .bind(capped[1].id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("attempt");
+    assert_eq!(attempt, 2, "stopped on the second attempt");
     assert_eq!(
         outcome(runs[0].id).await,
         (
