@@ -66,6 +66,14 @@ impl Bench {
         let tenant = tenants::ensure(&mut conn, "criterion")
             .await
             .expect("the bench tenant can be created");
+        // The hot path as runq's own tenants take it: not counted.
+        db::quotas::set(
+            &mut conn,
+            tenant,
+            &runq_shared::quotas::TenantQuotas::plan(runq_shared::quotas::Plan::Unlimited),
+        )
+        .await
+        .expect("the bench tenant can be made unlimited");
         drop(conn);
         Self {
             pool,

@@ -1,10 +1,6 @@
 -- Scoped tokens, projects with a production safety gate, and an append-only
 -- audit log (issue 8).
 
--- The plan a tenant is on; quotas read it. Operators set it with
--- `runq tenant create NAME --plan ...`.
-ALTER TABLE tenants ADD COLUMN plan text NOT NULL DEFAULT 'free';
-
 -- An ingest token is bound to one project of its own tenant: the composite
 -- key makes a token of one tenant naming another tenant's project
 -- impossible, not merely checked.

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use runq_shared::config::{ApiConfig, DatabaseArgs, WorkerConfig};
+use runq_shared::config::{ApiConfig, DatabaseArgs, QuotaArgs, WorkerConfig};
 use runq_shared::db;
+use runq_shared::quotas::{Plan, TenantQuotas};
 use runq_worker::Worker;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,8 @@ enum Command {
         database: DatabaseArgs,
         #[command(flatten)]
         api: ApiConfig,
+        #[command(flatten)]
+        quotas: QuotaArgs,
         /// Do not apply pending migrations at start.
         #[arg(long, env = "RUNQ_NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
         no_migrate: bool,
@@ -39,6 +42,8 @@ enum Command {
         database: DatabaseArgs,
         #[command(flatten)]
         worker: WorkerConfig,
+        #[command(flatten)]
+        quotas: QuotaArgs,
         /// Do not apply pending migrations at start.
         #[arg(long, env = "RUNQ_NO_MIGRATE", value_parser = clap::builder::BoolishValueParser::new())]
         no_migrate: bool,
@@ -55,13 +60,16 @@ enum Command {
         api: ApiConfig,
         #[command(flatten)]
         worker: WorkerConfig,
+        #[command(flatten)]
+        quotas: QuotaArgs,
     },
     /// Apply pending migrations and exit.
     Migrate {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Create tenants, directly in the database (for an operator).
+    /// Create tenants and set their quotas, directly in the database (for
+    /// an operator); audited as `operator:<user>`.
     Tenant {
         #[command(subcommand)]
         command: TenantCommand,
@@ -90,15 +98,32 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TenantCommand {
-    /// Create tenant NAME (or set its plan if it exists) and print its id.
+    /// Create tenant NAME (or set the plan of an existing one) and print its
+    /// id.
     Create {
         #[command(flatten)]
         database: DatabaseArgs,
         /// The tenant's name.
         name: String,
-        /// The plan its quotas follow (default for a new tenant: free).
-        #[arg(long, value_parser = ["free", "unlimited"])]
-        plan: Option<String>,
+        /// The plan its quotas follow (a new tenant without one gets
+        /// `RUNQ_DEFAULT_PLAN`).
+        #[arg(long, value_enum)]
+        plan: Option<Plan>,
+    },
+    /// Show a tenant's quotas, or change its plan and overrides; prints the
+    /// quotas as they then stand, as JSON (`GET /v1/quotas`'s document).
+    Quota {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The tenant's name.
+        name: String,
+        /// Put the tenant on this plan.
+        #[arg(long, value_enum)]
+        plan: Option<Plan>,
+        /// Override one quota: `runs_per_day=100`, or `runs_per_day=plan` to
+        /// go back to the plan's number. Repeatable.
+        #[arg(long = "set", value_name = "QUOTA=VALUE", value_parser = runq_shared::quotas::parse_setting)]
+        set: Vec<(runq_shared::quotas::Quota, Option<i64>)>,
     },
 }
 
@@ -179,8 +204,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Api {
             database,
             api,
+            quotas,
             no_migrate,
         } => {
+            quotas.apply();
             let pool = connect(&database, !no_migrate).await?;
             tracing::info!(listen = %api.listen, "api listening");
             runq_api::serve(pool, &api, shutdown_signal()?.cancelled_owned())
@@ -190,8 +217,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Worker {
             database,
             worker,
+            quotas,
             no_migrate,
         } => {
+            quotas.apply();
             let pool = connect(&database, !no_migrate).await?;
             Worker::new(pool, worker).run(shutdown_signal()?).await?;
         }
@@ -200,7 +229,11 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             throwaway,
             api,
             worker,
-        } => dev(database, throwaway, api, worker).await?,
+            quotas,
+        } => {
+            quotas.apply();
+            dev(database, throwaway, api, worker).await?
+        }
         Command::Migrate { database } => {
             let Some(url) = database.url.as_deref() else {
                 bail!("no database: set DATABASE_URL or pass --database-url");
@@ -222,25 +255,56 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 
 /// `runq tenant ...`: straight against the database, audited.
 async fn tenant_command(command: TenantCommand) -> anyhow::Result<()> {
-    let TenantCommand::Create {
-        database,
-        name,
-        plan,
-    } = command;
-    let pool = connect(&database, true).await?;
-    let mut tx = pool.begin().await?;
-    let (id, created) = db::tenants::create(&mut tx, &name, plan.as_deref()).await?;
-    db::audit::record(
-        &mut tx,
-        id,
-        &operator(),
-        db::audit::TENANT_CREATE,
-        &format!("tenant:{id}"),
-        serde_json::json!({ "name": name, "plan": plan, "created": created }),
-    )
-    .await?;
-    tx.commit().await?;
-    println!("{id}");
+    match command {
+        TenantCommand::Create {
+            database,
+            name,
+            plan,
+        } => {
+            let pool = connect(&database, true).await?;
+            let mut tx = pool.begin().await?;
+            let (id, created) = db::tenants::create(&mut tx, &name).await?;
+            db::audit::record(
+                &mut tx,
+                id,
+                &operator(),
+                db::audit::TENANT_CREATE,
+                &format!("tenant:{id}"),
+                serde_json::json!({ "name": name, "created": created }),
+            )
+            .await?;
+            if let Some(plan) = plan {
+                let mut quotas = db::quotas::get(&mut tx, id).await?;
+                quotas.plan = plan;
+                db::quotas::change(&mut tx, id, &quotas, &operator()).await?;
+            }
+            tx.commit().await?;
+            println!("{id}");
+        }
+        TenantCommand::Quota {
+            database,
+            name,
+            plan,
+            set,
+        } => {
+            let pool = connect(&database, true).await?;
+            let mut tx = pool.begin().await?;
+            let tenant = db::tenants::find(&mut tx, &name).await?;
+            if plan.is_some() || !set.is_empty() {
+                let mut settings = db::quotas::get(&mut tx, tenant).await?;
+                if let Some(plan) = plan {
+                    settings.plan = plan;
+                }
+                for (quota, limit) in set {
+                    settings.overrides.set(quota, limit);
+                }
+                db::quotas::change(&mut tx, tenant, &settings, &operator()).await?;
+            }
+            let report = db::quotas::report(&mut tx, tenant).await?;
+            tx.commit().await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
     Ok(())
 }
 
@@ -391,6 +455,8 @@ async fn dev(
     let pool = open_pool(&picked.url, &database, true).await?;
     let mut conn = pool.acquire().await?;
     let tenant = db::tenants::ensure(&mut conn, "dev").await?;
+    // A newcomer's first hundred runs must not meet the free tier's limits.
+    db::quotas::set(&mut conn, tenant, &TenantQuotas::plan(Plan::Unlimited)).await?;
     let token = db::tenants::create_token(&mut conn, tenant, "dev").await?;
     drop(conn);
     let listener = std::net::TcpListener::bind(&api.listen)

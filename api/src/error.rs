@@ -1,12 +1,14 @@
 //! The API's one error type and its one conversion to `application/problem+json`.
 //! Handlers return [`ApiError`]; they never build status codes.
 
+use chrono::{DateTime, Utc};
 use poem::error::ResponseError;
 use poem::http::{header, HeaderValue, StatusCode};
 use poem::{Body, IntoResponse, Response};
 use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, Registry};
 use poem_openapi::types::Type;
 use poem_openapi::ApiResponse;
+use runq_shared::quotas::Quota;
 use runq_shared::{DbError, Problem};
 
 /// Seconds a client should wait before retrying when the database is away.
@@ -48,6 +50,21 @@ pub enum ApiError {
     /// mistyped field, a value out of range), or its values are refused.
     #[error("{0}")]
     Unprocessable(String),
+    /// A tenant's quota refuses the request: 429 for a rate
+    /// (`runs_per_day`), 403 for a hard cap.
+    #[error("{detail}")]
+    QuotaExceeded {
+        /// The quota's name.
+        quota: Quota,
+        /// The tenant's limit.
+        limit: i64,
+        /// Current use.
+        used: i64,
+        /// When enough use frees up (rates only).
+        resets_at: Option<DateTime<Utc>>,
+        /// The message, naming all of the above.
+        detail: String,
+    },
     /// The database cannot be reached right now.
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
@@ -83,6 +100,14 @@ impl ApiError {
                 "invalid-run",
                 "Invalid request body",
             ),
+            ApiError::QuotaExceeded { quota, .. } if quota.is_rate() => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota-exceeded",
+                "Quota exceeded",
+            ),
+            ApiError::QuotaExceeded { .. } => {
+                (StatusCode::FORBIDDEN, "quota-exceeded", "Quota exceeded")
+            }
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -146,6 +171,19 @@ impl From<DbError> for ApiError {
             DbError::WrongStatus { .. } => ApiError::Conflict(err.to_string()),
             DbError::Invalid(invalid) => ApiError::Unprocessable(invalid.0),
             DbError::IdempotencyMismatch(_) => ApiError::Unprocessable(err.to_string()),
+            DbError::QuotaExceeded {
+                quota,
+                limit,
+                used,
+                resets_at,
+                ..
+            } => ApiError::QuotaExceeded {
+                quota,
+                limit,
+                used,
+                resets_at,
+                detail: err.to_string(),
+            },
             err if err.is_unavailable() => {
                 tracing::warn!(error = %err, "database unavailable");
                 ApiError::Unavailable
@@ -171,7 +209,29 @@ impl ResponseError for ApiError {
 
     fn as_response(&self) -> Response {
         let problem = self.problem();
-        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let body = match self {
+            ApiError::QuotaExceeded {
+                quota,
+                limit,
+                used,
+                resets_at,
+                ..
+            } => {
+                // RFC 9457 extension members, so clients need not parse `detail`.
+                let mut value = serde_json::to_value(&problem).unwrap_or_default();
+                if let Some(members) = value.as_object_mut() {
+                    members.insert("quota".to_owned(), quota.as_str().into());
+                    members.insert("limit".to_owned(), (*limit).into());
+                    members.insert("used".to_owned(), (*used).into());
+                    members.insert(
+                        "resets_at".to_owned(),
+                        resets_at.map(|at| at.to_rfc3339()).into(),
+                    );
+                }
+                serde_json::to_vec(&value).unwrap_or_default()
+            }
+            _ => serde_json::to_vec(&problem).unwrap_or_default(),
+        };
         let mut response = Response::builder()
             .status(self.status())
             .header(header::CONTENT_TYPE, "application/problem+json")
@@ -193,6 +253,28 @@ impl ResponseError for ApiError {
                     response.headers_mut().insert(header::ALLOW, value);
                 }
             }
+            ApiError::QuotaExceeded {
+                quota,
+                limit,
+                used,
+                resets_at,
+                ..
+            } if quota.is_rate() => {
+                let headers = response.headers_mut();
+                headers.insert("x-ratelimit-limit", HeaderValue::from(*limit));
+                headers.insert(
+                    "x-ratelimit-remaining",
+                    HeaderValue::from((limit - used).max(0)),
+                );
+                if let Some(at) = resets_at {
+                    // Whole seconds, rounded up, so a client retrying on time
+                    // is never early.
+                    let wait = (*at - Utc::now()).num_milliseconds().max(0);
+                    let seconds = ((wait + 999) / 1000).max(1);
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                    headers.insert("x-ratelimit-reset", HeaderValue::from(at.timestamp()));
+                }
+            }
             _ => {}
         }
         response
@@ -206,7 +288,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Every status an endpoint may answer with a problem document.
-const PROBLEM_STATUSES: [(u16, &str); 9] = [
+const PROBLEM_STATUSES: [(u16, &str); 10] = [
     (
         400,
         "Malformed request: the body is not JSON (or not sent as `application/json`), \
@@ -219,8 +301,10 @@ const PROBLEM_STATUSES: [(u16, &str); 9] = [
     ),
     (
         403,
-        "The token lacks the scope this endpoint needs (`detail` names it), or the run \
-         names a `prod` project whose production override is off",
+        "The token lacks the scope this endpoint needs (`detail` names it), the run \
+         names a `prod` project whose production override is off, or a hard quota \
+         refuses the request (`projects`: `detail` and the extension members `quota`, \
+         `limit`, `used` and `resets_at` (null) say which and how far)",
     ),
     (404, "No such resource for this tenant"),
     (
@@ -234,6 +318,14 @@ const PROBLEM_STATUSES: [(u16, &str); 9] = [
         "The body is JSON but does not fit its schema (a missing, unknown or mistyped \
          field, a value out of range) or its values are refused; `detail` names the \
          field by its path in the body, such as `steps[0].kind`",
+    ),
+    (
+        429,
+        "A rate quota refuses the request (`runs_per_day`, the runs accepted in the last \
+         24 hours): `detail` and the extension members `quota`, `limit`, `used` and \
+         `resets_at` say which and until when; `Retry-After` gives the seconds until \
+         enough frees up, `X-RateLimit-Limit`, `X-RateLimit-Remaining` and \
+         `X-RateLimit-Reset` (Unix seconds) the figures",
     ),
     (
         503,

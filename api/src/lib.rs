@@ -11,6 +11,7 @@ pub mod body;
 pub mod error;
 mod params;
 pub mod projects;
+pub mod quotas;
 pub mod runs;
 mod spec;
 pub mod tokens;
@@ -27,6 +28,7 @@ use crate::audit::AuditApi;
 use crate::error::ApiError;
 use crate::params::{Asked, Parameters};
 use crate::projects::ProjectsApi;
+use crate::quotas::QuotasApi;
 use crate::runs::RunsApi;
 use crate::tokens::TokensApi;
 
@@ -68,7 +70,14 @@ impl HealthApi {
 }
 
 /// Every group of endpoints.
-type Apis = (RunsApi, ProjectsApi, TokensApi, AuditApi, HealthApi);
+type Apis = (
+    RunsApi,
+    ProjectsApi,
+    TokensApi,
+    AuditApi,
+    QuotasApi,
+    HealthApi,
+);
 
 fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<Apis, ()> {
     let runs = RunsApi {
@@ -78,8 +87,9 @@ fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<Apis, ()> {
     let projects = ProjectsApi { pool: pool.clone() };
     let tokens = TokensApi { pool: pool.clone() };
     let audit = AuditApi { pool: pool.clone() };
+    let quotas = QuotasApi { pool: pool.clone() };
     OpenApiService::new(
-        (runs, projects, tokens, audit, HealthApi { pool }),
+        (runs, projects, tokens, audit, quotas, HealthApi { pool }),
         "runq",
         env!("CARGO_PKG_VERSION"),
     )

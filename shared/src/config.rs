@@ -116,3 +116,25 @@ impl Default for WorkerConfig {
         }
     }
 }
+
+/// Quota settings of a process that checks quotas (`api`, `worker`, `dev`).
+#[derive(Args, Debug, Clone)]
+pub struct QuotaArgs {
+    /// Plan of tenants whose quotas no admin has set: `free` (the free tier's
+    /// limits) or `unlimited`.
+    #[arg(
+        long,
+        env = "RUNQ_DEFAULT_PLAN",
+        value_enum,
+        default_value_t = crate::quotas::Plan::Free
+    )]
+    pub default_plan: crate::quotas::Plan,
+}
+
+impl QuotaArgs {
+    /// Makes these settings the process's (see
+    /// [`crate::quotas::set_default_plan`]).
+    pub fn apply(&self) {
+        crate::quotas::set_default_plan(self.default_plan);
+    }
+}

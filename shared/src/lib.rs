@@ -7,6 +7,7 @@
 //! - [`protocol`]: what a worker claims and hands back (leases, outcomes).
 //! - [`tenancy`]: the payloads of a tenant's settings (tokens, projects, the
 //!   audit log).
+//! - [`quotas`]: plans, per-tenant quotas and their API payloads.
 //! - [`storable`]: whether a JSON value can be stored in `jsonb`.
 //! - [`config`]: clap-derived settings shared by the `runq` subcommands.
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@ pub mod config;
 pub mod db;
 pub mod model;
 pub mod protocol;
+pub mod quotas;
 pub mod storable;
 pub mod tenancy;
 

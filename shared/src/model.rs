@@ -417,6 +417,9 @@ pub enum ErrorReason {
     LeaseExpired,
     /// The run exceeded its duration cap.
     DurationCap,
+    /// The run recorded more events than its tenant's `run_events` quota
+    /// allows; the events up to the cap are kept.
+    EventCap,
     /// A client cancelled the run.
     Cancelled,
     /// A step's output or events cannot be stored (`\u0000` in a string, or

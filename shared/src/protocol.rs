@@ -64,6 +64,16 @@ pub struct ClaimedRun {
     pub steps: Vec<ClaimedStep>,
     /// The run's project, handed to each step.
     pub project: Option<crate::tenancy::StepProject>,
+    /// Most events the run may record over all its attempts (the tenant's
+    /// `run_events` quota); past it the run is stopped (`event_cap`).
+    pub event_cap: Option<i64>,
+    /// Most seconds the run may execute by its tenant's quota
+    /// (`run_duration_minutes`); the worker also applies the run's own
+    /// timeout and its server's cap, whichever is shortest.
+    pub duration_cap_seconds: Option<i64>,
+    /// Events earlier attempts recorded (counted only when `event_cap` may
+    /// apply; else 0).
+    pub events_recorded: i64,
 }
 
 impl ClaimedRun {

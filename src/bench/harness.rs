@@ -78,6 +78,14 @@ impl Harness {
         let tenant = db::tenants::ensure(&mut conn, "bench")
             .await
             .context("creating the bench tenant")?;
+        // Benchmarks measure the queue, not the free tier's limits.
+        db::quotas::set(
+            &mut conn,
+            tenant,
+            &runq_shared::quotas::TenantQuotas::plan(runq_shared::quotas::Plan::Unlimited),
+        )
+        .await
+        .context("making the bench tenant unlimited")?;
         let token = db::tenants::create_token(&mut conn, tenant, "bench")
             .await
             .context("creating a token for the bench tenant")?;

@@ -92,7 +92,9 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             "CreateToken",
             "EnableProductionOverride",
             "NewStep",
+            "QuotaOverrides",
             "RetryRuns",
+            "TenantQuotas",
             "UpdateProject"
         ]
     );
@@ -108,6 +110,14 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
         ("CreateRuns", refuses::<runq_shared::CreateRuns>()),
         ("NewStep", refuses::<NewStep>()),
         ("RetryRuns", refuses::<runq_shared::RetryRuns>()),
+        (
+            "QuotaOverrides",
+            refuses::<runq_shared::quotas::QuotaOverrides>(),
+        ),
+        (
+            "TenantQuotas",
+            refuses::<runq_shared::quotas::TenantQuotas>(),
+        ),
     ] {
         assert!(
             refused,

@@ -16,5 +16,6 @@ mod hardening;
 mod isolation;
 mod load;
 mod properties;
+mod quotas;
 mod shutdown;
 mod tenancy;

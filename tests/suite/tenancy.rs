@@ -805,7 +805,7 @@ async fn operator_bootstrap_and_tokens_exist_only_as_digests() {
     .await;
     assert_eq!(code, Some(0));
     let tenant: Uuid = tenant_id.trim().parse().expect("the tenant's id");
-    let plan: String = sqlx::query_scalar("SELECT plan FROM tenants WHERE id = $1")
+    let plan: String = sqlx::query_scalar("SELECT plan FROM tenant_quotas WHERE tenant_id = $1")
         .bind(tenant)
         .fetch_one(&db.pool)
         .await
@@ -947,6 +947,8 @@ async fn operator_bootstrap_and_tokens_exist_only_as_digests() {
                 "operator:alice".to_owned(),
                 None
             ),
+            // `--plan unlimited` is a quota change.
+            ("quota.update".to_owned(), "operator:alice".to_owned(), None),
             ("token.create".to_owned(), "operator:alice".to_owned(), None),
             (
                 "token.create".to_owned(),

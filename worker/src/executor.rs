@@ -40,8 +40,13 @@ pub(crate) struct Context {
     pub(crate) max_output_bytes: usize,
 }
 
-/// How long `run` may execute: its own timeout, capped by the server's limit.
+/// How long `run` may execute: the shortest of its own timeout, its
+/// tenant's `run_duration_minutes` quota and the server's limit.
 fn duration_limit(run: &ClaimedRun, cap: Duration) -> Duration {
+    let cap = match run.duration_cap_seconds {
+        Some(seconds) if seconds > 0 => cap.min(Duration::from_secs(seconds as u64)),
+        _ => cap,
+    };
     match run.timeout_seconds {
         Some(seconds) if seconds > 0 => cap.min(Duration::from_secs(seconds as u64)),
         _ => cap,
@@ -191,6 +196,9 @@ async fn pipeline(
         });
     };
     let last = run.steps.len() - 1;
+    // Events of this run so far, earlier attempts included (the claim counts
+    // them when a cap applies).
+    let mut recorded = run.events_recorded;
     for (index, step) in run.steps.iter().enumerate().skip(first) {
         let position = index as i32;
         let started_at = Utc::now();
@@ -230,10 +238,36 @@ async fn pipeline(
                 error,
             })
         };
-        let output = match result {
+        if let Err(error) = &result {
             // Events of a step whose output cannot be stored are dropped with
             // it: they may be what cannot be stored.
-            Err(error) if is_vetting(&error) => return failed(error),
+            if is_vetting(error) {
+                return failed(error.clone());
+            }
+        }
+        if let Some(cap) = run.event_cap {
+            let total = recorded.saturating_add(events.0.len() as i64);
+            if total > cap {
+                // The events up to the cap are kept; the step's output is
+                // not, and the run stops here whatever the step returned.
+                let keep = usize::try_from(cap.saturating_sub(recorded)).unwrap_or(0);
+                events.0.truncate(keep);
+                final_events.extend(step_events(lease, position, events));
+                tracing::warn!(position, cap, "event cap reached; stopping the run");
+                return Some(Outcome::Stopped {
+                    error: RunError::new(
+                        ErrorReason::EventCap,
+                        format!(
+                            "the run recorded more than its cap of {cap} events \
+                             (quota run_events)"
+                        ),
+                        Some(position),
+                    ),
+                });
+            }
+            recorded = total;
+        }
+        let output = match result {
             Err(error) => {
                 final_events.extend(step_events(lease, position, events));
                 return failed(error);
@@ -396,4 +430,44 @@ fn json_size(value: &Value) -> usize {
     let _ = serde_json::to_writer(&mut count, value);
     let _ = count.flush();
     count.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runq_shared::protocol::ClaimedRun;
+
+    fn run(timeout_seconds: Option<i32>, duration_cap_seconds: Option<i64>) -> ClaimedRun {
+        ClaimedRun {
+            lease: Lease {
+                id: uuid::Uuid::now_v7(),
+                token: 1,
+                attempt: 1,
+            },
+            tenant_id: uuid::Uuid::now_v7(),
+            queue: "default".to_owned(),
+            max_attempts: 1,
+            timeout_seconds,
+            metadata: Value::Null,
+            started_at: Utc::now(),
+            steps: Vec::new(),
+            event_cap: None,
+            duration_cap_seconds,
+            events_recorded: 0,
+            project: None,
+        }
+    }
+
+    /// The duration cap is the shortest of the run's timeout, the tenant's
+    /// `run_duration_minutes` and the server's cap.
+    #[test]
+    fn duration_limit_is_the_shortest_cap() {
+        let server = Duration::from_secs(900);
+        let limit = |timeout, tenant| duration_limit(&run(timeout, tenant), server).as_secs();
+        assert_eq!(limit(None, None), 900);
+        assert_eq!(limit(None, Some(60)), 60);
+        assert_eq!(limit(Some(30), Some(60)), 30);
+        assert_eq!(limit(Some(120), Some(60)), 60);
+        assert_eq!(limit(Some(2_000), Some(3_600)), 900);
+    }
 }

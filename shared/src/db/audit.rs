@@ -25,6 +25,8 @@ pub const PROJECT_DELETE: &str = "project.delete";
 pub const OVERRIDE_ENABLE: &str = "project.production_override.enable";
 /// A project's production override was turned off.
 pub const OVERRIDE_DISABLE: &str = "project.production_override.disable";
+/// A tenant's quotas (plan or overrides) were changed.
+pub const QUOTA_UPDATE: &str = "quota.update";
 /// Many runs were retried in one request.
 pub const RUNS_BULK_RETRY: &str = "runs.bulk_retry";
 

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod events;
 pub mod outbox;
 pub mod projects;
+pub mod quotas;
 pub mod runs;
 pub mod steps;
 pub mod tenants;
@@ -72,6 +73,21 @@ pub enum DbError {
     /// An idempotency key was used before by a different request.
     #[error("idempotency key '{0}' was already used with different parameters; use a new key for a new request")]
     IdempotencyMismatch(String),
+    /// A tenant's quota refuses the request: nothing was written.
+    #[error("{}", quota_message(*.quota, *.limit, *.used, *.requested, *.resets_at))]
+    QuotaExceeded {
+        /// Which quota.
+        quota: crate::quotas::Quota,
+        /// The tenant's effective limit.
+        limit: i64,
+        /// Current use, before this request.
+        used: i64,
+        /// What this request would have added.
+        requested: i64,
+        /// When enough use leaves the window for the request to fit (rates
+        /// only; `None` for hard caps and for a request larger than the limit).
+        resets_at: Option<chrono::DateTime<chrono::Utc>>,
+    },
     /// The input was refused before it reached the database.
     #[error(transparent)]
     Invalid(#[from] crate::model::InvalidRun),
@@ -91,6 +107,25 @@ impl DbError {
             DbError::Sqlx(err) => is_unavailable(err),
             _ => false,
         }
+    }
+}
+
+fn quota_message(
+    quota: crate::quotas::Quota,
+    limit: i64,
+    used: i64,
+    requested: i64,
+    resets_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> String {
+    let name = quota.as_str();
+    let head =
+        format!("quota {name} exceeded: limit {limit}, used {used}, this request adds {requested}");
+    match (quota.is_rate(), resets_at) {
+        (true, Some(at)) => format!("{head}; enough frees up at {}", at.to_rfc3339()),
+        (true, None) => {
+            format!("{head}; the request alone exceeds the limit, split it or raise the quota")
+        }
+        (false, _) => format!("{head}; remove some or ask an admin to raise the quota"),
     }
 }
 

@@ -51,16 +51,20 @@ fn name_taken(err: sqlx::Error, name: &str) -> DbError {
     }
 }
 
-/// Creates a project of `tenant`.
+/// Creates a project of `tenant`, within its `projects` quota. Run it in a
+/// transaction: the quota check holds the tenant's lock until it ends, so
+/// two concurrent creations cannot both take the last place.
 ///
 /// # Errors
 ///
+/// [`DbError::QuotaExceeded`] past the `projects` quota,
 /// [`DbError::ProjectNameTaken`], else database errors.
 pub async fn create(
     conn: &mut PgConnection,
     tenant: TenantId,
     project: &CreateProject,
 ) -> Result<Project, DbError> {
+    crate::db::quotas::check_projects(conn, tenant).await?;
     let row = sqlx::query_as!(
         Row,
         "INSERT INTO projects (id, tenant_id, name, environment, target_url)

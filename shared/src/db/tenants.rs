@@ -1,4 +1,4 @@
-//! Tenants: creating them (with their plan) and finding them by name.
+//! Tenants: creating them and finding them by name.
 //! Tokens are in [`super::tokens`], projects in [`super::projects`].
 
 use sqlx::PgConnection;
@@ -33,27 +33,22 @@ pub async fn ensure(conn: &mut PgConnection, name: &str) -> Result<TenantId, DbE
     Ok(id)
 }
 
-/// Creates tenant `name` on `plan`, or sets the plan of the existing
-/// tenant of that name when `plan` is given. Returns its id and whether it
-/// was created.
+/// Creates tenant `name`, or finds the existing tenant of that name.
+/// Returns its id and whether it was created. Its plan is kept with its
+/// quotas ([`crate::db::quotas`]).
 ///
 /// # Errors
 ///
 /// Database errors.
-pub async fn create(
-    conn: &mut PgConnection,
-    name: &str,
-    plan: Option<&str>,
-) -> Result<(TenantId, bool), DbError> {
+pub async fn create(conn: &mut PgConnection, name: &str) -> Result<(TenantId, bool), DbError> {
     let row = sqlx::query!(
         r#"
-        INSERT INTO tenants (id, name, plan) VALUES ($1, $2, coalesce($3, 'free'))
-        ON CONFLICT (name) DO UPDATE SET plan = coalesce($3, tenants.plan)
+        INSERT INTO tenants (id, name) VALUES ($1, $2)
+        ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
         RETURNING id, (xmax = 0) AS "created!"
         "#,
         Uuid::now_v7(),
         name,
-        plan,
     )
     .fetch_one(&mut *conn)
     .await?;

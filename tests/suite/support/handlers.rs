@@ -172,3 +172,22 @@ impl Handler for Big {
         }
     }
 }
+
+/// `events`: records `input.count` events (`{"n": i}`) in one go, then
+/// outputs `{"recorded": count}`.
+pub struct ManyEvents;
+
+#[async_trait::async_trait]
+impl Handler for ManyEvents {
+    fn kind(&self) -> &str {
+        "events"
+    }
+
+    async fn execute(&self, step: &StepInput, events: &mut Events) -> Result<Value, StepError> {
+        let count = step.input.get("count").and_then(Value::as_u64).unwrap_or(0);
+        for n in 0..count {
+            events.record("tick", json!({ "n": n }));
+        }
+        Ok(json!({ "recorded": count }))
+    }
+}

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use runq_devtools::postgres::{Durability, LocalCluster};
 use runq_shared::config::{ApiConfig, WorkerConfig};
 use runq_shared::db::{self, MIGRATOR};
+use runq_shared::quotas::{Plan, TenantQuotas};
 use runq_shared::{CreateRun, NewRun, NewStep, Run, TenantId};
 use runq_worker::Worker;
 use serde_json::Value;
@@ -193,8 +194,20 @@ impl TestDb {
         db::pool(&self.url, max_connections, Duration::from_secs(10)).expect("pool")
     }
 
-    /// A tenant named `name`.
+    /// A tenant named `name` on the `unlimited` plan, so tests that are not
+    /// about quotas never meet one.
     pub async fn tenant(&self, name: &str) -> TenantId {
+        let mut conn = self.pool.acquire().await.expect("connection");
+        let tenant = db::tenants::ensure(&mut conn, name).await.expect("tenant");
+        db::quotas::set(&mut conn, tenant, &TenantQuotas::plan(Plan::Unlimited))
+            .await
+            .expect("unlimited plan");
+        tenant
+    }
+
+    /// A tenant named `name` with no quota settings: on the default plan
+    /// (`free`, as no test changes the process's default).
+    pub async fn default_plan_tenant(&self, name: &str) -> TenantId {
         let mut conn = self.pool.acquire().await.expect("connection");
         db::tenants::ensure(&mut conn, name).await.expect("tenant")
     }

@@ -7,6 +7,7 @@ use sqlx::PgConnection;
 use crate::db::DbError;
 use crate::model::WorkerId;
 use crate::protocol::{ClaimedRun, ClaimedStep, Lease};
+use crate::quotas::{default_plan, Plan, Quota, QuotaOverrides, TenantQuotas};
 use crate::tenancy::StepProject;
 
 /// Claims up to `limit` pending runs of `queues` for `worker`, FIFO within a
@@ -16,6 +17,10 @@ use crate::tenancy::StepProject;
 /// No pending run carries a cancel request (a check constraint; every path
 /// out of `running` turns a requested cancel into `cancelled`), so a claim
 /// never hands out a run a client cancelled.
+///
+/// Each claimed run carries its tenant's per-run caps (`run_events`,
+/// `run_duration_minutes`), read by primary key from `tenant_quotas`, and,
+/// where an event cap may apply, the events its earlier attempts recorded.
 ///
 /// # Errors
 ///
@@ -74,33 +79,57 @@ pub async fn claim(
                    (SELECT json_build_object('id', p.id, 'name', p.name,
                         'environment', p.environment, 'target_url', p.target_url)
                     FROM projects p WHERE p.id = c.project_id)
-               END AS "project: Json<StepProject>"
+               END AS "project: Json<StepProject>",
+               q.plan AS "plan?", q.overrides AS "overrides?: Json<QuotaOverrides>",
+               -- Events of earlier attempts count against the run's event cap;
+               -- counted only where a cap may apply, so unlimited tenants'
+               -- claims do not probe run_events at all.
+               CASE WHEN coalesce(q.plan, $5) <> 'unlimited' OR q.overrides ? 'run_events'
+                    THEN (SELECT count(*) FROM run_events e WHERE e.run_id = c.id)
+               END AS events_recorded
         FROM claimed c
+        -- By primary key: one probe per claimed run, none for tenants without a row.
+        LEFT JOIN tenant_quotas q ON q.tenant_id = c.tenant_id
         ORDER BY c.priority DESC, c.run_at, c.id
         "#,
         queues,
         limit,
         worker,
         lease_ms as f64,
+        default_plan().as_str(),
     )
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|row| ClaimedRun {
-            lease: Lease {
-                id: row.id,
-                token: row.lease_token,
-                attempt: row.attempt,
-            },
-            tenant_id: row.tenant_id,
-            queue: row.queue,
-            max_attempts: row.max_attempts,
-            timeout_seconds: row.timeout_seconds,
-            metadata: row.metadata,
-            started_at: row.started_at,
-            steps: row.steps.0,
-            project: row.project.map(|project| project.0),
+        .map(|row| {
+            let quotas = match (row.plan.as_deref().and_then(Plan::parse), row.overrides) {
+                (Some(plan), Some(overrides)) => TenantQuotas {
+                    plan,
+                    overrides: overrides.0,
+                },
+                _ => TenantQuotas::plan(default_plan()),
+            };
+            ClaimedRun {
+                lease: Lease {
+                    id: row.id,
+                    token: row.lease_token,
+                    attempt: row.attempt,
+                },
+                tenant_id: row.tenant_id,
+                queue: row.queue,
+                max_attempts: row.max_attempts,
+                timeout_seconds: row.timeout_seconds,
+                metadata: row.metadata,
+                started_at: row.started_at,
+                steps: row.steps.0,
+                event_cap: quotas.limit(Quota::RunEvents),
+                duration_cap_seconds: quotas
+                    .limit(Quota::RunDurationMinutes)
+                    .map(|minutes| minutes.saturating_mul(60)),
+                events_recorded: row.events_recorded.unwrap_or(0),
+                project: row.project.map(|project| project.0),
+            }
         })
         .collect())
 }

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
+use crate::db::quotas::{self, RunCharge};
 use crate::db::DbError;
 use crate::model::{NewRun, Run, RunId, TenantId};
 
@@ -37,10 +38,17 @@ pub async fn enqueue(conn: &mut PgConnection, run: NewRun) -> Result<Enqueued, D
 /// returned when it was created by the same request (same digest), and the
 /// call fails with [`DbError::IdempotencyMismatch`] when it was not.
 ///
+/// Tenants with a `runs_per_day` quota are checked once per call, under a
+/// per-tenant lock held until the caller's transaction ends (or until this
+/// call returns, on a connection outside a transaction), and charged the runs
+/// actually inserted. Tenants without one cost one read of `tenant_quotas`.
+///
 /// # Errors
 ///
 /// [`DbError::Invalid`] for a run [`NewRun::validate`] refuses (nothing is
-/// inserted), [`DbError::ProjectNotFound`] for a project of another tenant,
+/// inserted), [`DbError::QuotaExceeded`] when the runs would pass a tenant's
+/// `runs_per_day` quota (nothing is inserted; see [`crate::db::quotas`]),
+/// [`DbError::ProjectNotFound`] for a project of another tenant,
 /// [`DbError::ProductionRefused`] for a `prod` project without its override,
 /// [`DbError::IdempotencyMismatch`] (roll back the transaction: other runs of
 /// the call may have been inserted), else database errors.
@@ -55,7 +63,59 @@ pub async fn enqueue_many(
         run.validate()?;
     }
     check_projects(conn, &runs).await?;
+    let mut tenants: Vec<TenantId> = runs.iter().map(|run| run.tenant_id).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    // One read per call, whatever the count; tenants without a run quota
+    // (the `unlimited` plan) stop here and write nothing more.
+    let limits = quotas::run_limits(conn, &tenants).await?;
+    if limits.is_empty() {
+        return insert(conn, runs).await;
+    }
+    // Inside a transaction of its own (a savepoint within the caller's), so a
+    // refusal leaves nothing inserted and the tenants' quota locks are held
+    // until the caller commits.
+    let mut tx = conn.begin().await?;
+    match enqueue_limited(&mut tx, runs, limits).await {
+        Ok(out) => {
+            tx.commit().await?;
+            Ok(out)
+        }
+        Err(err) => {
+            // Rolled back now, not when the connection is next used: the
+            // quota locks must not outlive the refusal on an idle connection.
+            tx.rollback().await?;
+            Err(err)
+        }
+    }
+}
 
+/// Inserts `runs` of tenants with a `runs_per_day` limit (`limits`) under
+/// their quota locks: refuses before inserting when the runs that are sure to
+/// be new (those without an idempotency key) pass a limit, then charges what
+/// was inserted (a repeated key is not charged), refusing if that passes it.
+async fn enqueue_limited(
+    conn: &mut PgConnection,
+    runs: Vec<NewRun>,
+    limits: Vec<(TenantId, i64)>,
+) -> Result<Vec<Enqueued>, DbError> {
+    let charge = RunCharge::lock(conn, limits).await?;
+    let mut sure_new: HashMap<TenantId, i64> = HashMap::new();
+    for run in runs.iter().filter(|run| run.idempotency_key.is_none()) {
+        *sure_new.entry(run.tenant_id).or_default() += 1;
+    }
+    charge.check(&sure_new)?;
+    let out = insert(conn, runs).await?;
+    let mut added: HashMap<TenantId, i64> = HashMap::new();
+    for enqueued in out.iter().filter(|enqueued| enqueued.created) {
+        *added.entry(enqueued.run.tenant_id).or_default() += 1;
+    }
+    charge.charge(conn, &added).await?;
+    Ok(out)
+}
+
+/// Inserts validated `runs` (the body of [`enqueue_many`], without quotas).
+async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueued>, DbError> {
     let count = runs.len();
     let mut ids = Vec::with_capacity(count);
     let mut tenants = Vec::with_capacity(count);
