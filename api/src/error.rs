@@ -7,6 +7,7 @@ use poem::{Body, IntoResponse, Response};
 use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, Registry};
 use poem_openapi::types::Type;
 use poem_openapi::ApiResponse;
+use runq_shared::db::ingest::RateLimit;
 use runq_shared::{DbError, Problem};
 
 /// Seconds a client should wait before retrying when the database is away.
@@ -44,6 +45,10 @@ pub enum ApiError {
     /// mistyped field, a value out of range), or its values are refused.
     #[error("{0}")]
     Unprocessable(String),
+    /// The token's ingest rate limit is used up; the response carries the
+    /// `X-RateLimit-*` and `Retry-After` headers.
+    #[error("this token's ingest limit of {} events per minute is used up; retry in {} s", .0.limit, .0.reset_seconds)]
+    RateLimited(RateLimit),
     /// The database cannot be reached right now.
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
@@ -77,6 +82,11 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid-run",
                 "Invalid request body",
+            ),
+            ApiError::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
             ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -135,7 +145,9 @@ impl From<DbError> for ApiError {
             DbError::RunNotFound(_) | DbError::ProjectNotFound(_) => {
                 ApiError::NotFound(err.to_string())
             }
-            DbError::WrongStatus { .. } => ApiError::Conflict(err.to_string()),
+            DbError::WrongStatus { .. } | DbError::RunNotIngesting { .. } => {
+                ApiError::Conflict(err.to_string())
+            }
             DbError::Invalid(invalid) => ApiError::Unprocessable(invalid.0),
             DbError::IdempotencyMismatch(_) => ApiError::Unprocessable(err.to_string()),
             err if err.is_unavailable() => {
@@ -185,10 +197,28 @@ impl ResponseError for ApiError {
                     response.headers_mut().insert(header::ALLOW, value);
                 }
             }
+            ApiError::RateLimited(rate) => {
+                let headers = response.headers_mut();
+                for (name, value) in rate_limit_headers(rate) {
+                    headers.insert(name, HeaderValue::from(value));
+                }
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(rate.reset_seconds));
+            }
             _ => {}
         }
         response
     }
+}
+
+/// The `X-RateLimit-*` headers describing `rate`: the limit per minute, what
+/// is left of it now, and the seconds until the oldest events counted leave
+/// the window.
+pub(crate) fn rate_limit_headers(rate: &RateLimit) -> [(&'static str, u32); 3] {
+    [
+        ("x-ratelimit-limit", rate.limit),
+        ("x-ratelimit-remaining", rate.remaining),
+        ("x-ratelimit-reset", rate.reset_seconds),
+    ]
 }
 
 impl IntoResponse for ApiError {

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod ingest;
 mod params;
 pub mod runs;
 mod spec;
@@ -21,6 +22,7 @@ use sqlx::PgPool;
 use tokio::io::AsyncReadExt;
 
 use crate::error::ApiError;
+use crate::ingest::IngestApi;
 use crate::params::{Asked, Parameters};
 use crate::runs::RunsApi;
 
@@ -61,13 +63,20 @@ impl HealthApi {
     }
 }
 
-fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<(RunsApi, HealthApi), ()> {
+fn service(
+    pool: PgPool,
+    config: &ApiConfig,
+) -> OpenApiService<(RunsApi, IngestApi, HealthApi), ()> {
     let runs = RunsApi {
         pool: pool.clone(),
         step_kinds: config.step_kinds.clone(),
     };
+    let ingest = IngestApi {
+        pool: pool.clone(),
+        max_events_per_minute: config.max_events_per_minute,
+    };
     OpenApiService::new(
-        (runs, HealthApi { pool }),
+        (runs, ingest, HealthApi { pool }),
         "runq",
         env!("CARGO_PKG_VERSION"),
     )
@@ -86,6 +95,7 @@ pub fn spec() -> String {
         listen: String::new(),
         max_body_bytes: 0,
         step_kinds: Vec::new(),
+        max_events_per_minute: 300,
     };
     // The pool is never used: building the document makes no connection, and
     // without lifetimes or minimum connections it spawns no maintenance task,
