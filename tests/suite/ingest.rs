@@ -128,7 +128,7 @@ async fn age_buckets(db: &TestDb, seconds: i64) {
 /// batch that crosses the limit is stored up to it (10 of 60, `rejected` 50,
 /// `Retry-After`); the next batch gets a 429 problem with the headers.
 /// `X-RateLimit-Reset` and `Retry-After` count from the oldest bucket in the
-/// window (aged 30 s: 27–30 s left). After the window slides past the
+/// window (aged 30 s: 27–30 s left). Another token has its own budget. After the window slides past the
 /// buckets (aged 61 s more) the token is accepted again with a full budget,
 /// and the expired buckets are deleted.
 #[tokio::test]
@@ -165,6 +165,18 @@ async fn rate_limit_takes_exactly_300_events_a_minute_then_slides() {
         "{}",
         refused.detail
     );
+    // The limit is the token's: another token of the tenant has its own.
+    let other_token = token(&f.db, f.db.tenant("acme").await).await;
+    let elsewhere = f.running_run().await;
+    let response = send(
+        &f.client,
+        &f.api.base,
+        &other_token,
+        &batch(elsewhere, 5, 1),
+    )
+    .await;
+    assert_eq!(rate(&response).1, 299);
+    accepted(response).await;
 
     let stored: i64 =
         f.db.scalar(&format!(
@@ -186,11 +198,22 @@ async fn rate_limit_takes_exactly_300_events_a_minute_then_slides() {
     assert_eq!((left, retry_after), (250, None));
     assert!((59..=60).contains(&reset), "reset {reset}");
     assert_eq!(accepted(response).await.accepted, 50);
-    let expired: i64 = f
+    // The token's buckets that left the window went with its request (the
+    // other token's stay until it sends again).
+    let expired: i64 =
+        f.db.scalar(&format!(
+            "SELECT count(*) FROM ingest_usage
+             WHERE token_key = sha256('{}'::bytea)
+               AND second < extract(epoch FROM now()) - 60",
+            f.token
+        ))
+        .await;
+    assert_eq!(expired, 0, "buckets out of the window are deleted");
+    let kept: i64 = f
         .db
         .scalar("SELECT count(*) FROM ingest_usage WHERE second < extract(epoch FROM now()) - 60")
         .await;
-    assert_eq!(expired, 0, "buckets out of the window are deleted");
+    assert_eq!(kept, 1, "the other token's bucket");
 }
 
 /// Two API servers, each with its own pool (two processes' worth), share
@@ -315,7 +338,8 @@ async fn oversized_event_data_is_stored_truncated_to_64_kb_and_flagged() {
 
 /// Events land only on a running run of the caller's tenant, or within 60 s
 /// after its attempt ended: a pending run and one finished 61 s ago get a
-/// 409 saying why, one finished 10 s ago takes them; another tenant's run
+/// 409 saying why; one finished 10 s ago, and one whose attempt failed 5 s
+/// ago and waits for its retry, take them; another tenant's run
 /// and an unknown id get 404. A NUL in data, 101 events and a 256-byte kind
 /// get 422 naming the field. None of the refused batches costs budget.
 #[tokio::test]
@@ -346,6 +370,30 @@ async fn ingest_refuses_closed_foreign_and_bad_batches() {
         late.detail
     );
     assert!(late.detail.contains("60 s"), "{}", late.detail);
+    // A run whose attempt 1 failed 5 s ago and waits for its retry still
+    // takes events, under attempt 1.
+    let retrying = f.running_run().await;
+    f.db.execute(&format!(
+        "UPDATE runs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
+             run_at = now() + interval '1 hour',
+             errors = jsonb_build_array(jsonb_build_object(
+                 'attempt', 1, 'at', now() - interval '5 seconds', 'reason', 'step_failed',
+                 'message', 'boom'))
+         WHERE id = '{retrying}'"
+    ))
+    .await;
+    assert_eq!(
+        accepted(f.send(&batch(retrying, 8, 1)).await)
+            .await
+            .accepted,
+        1
+    );
+    let attempt: i32 =
+        f.db.scalar(&format!(
+            "SELECT attempt FROM run_events WHERE run_id = '{retrying}'"
+        ))
+        .await;
+    assert_eq!(attempt, 1);
 
     let foreign = running_run(&f.db, globex).await;
     problem(f.send(&batch(foreign, 3, 1)).await, StatusCode::NOT_FOUND).await;
@@ -381,10 +429,10 @@ async fn ingest_refuses_closed_foreign_and_bad_batches() {
         refused.detail
     );
 
-    // Only the two events on the run in its grace window were counted.
+    // Only the three events on runs in their grace window were counted.
     let response = f.send(&batch(run, 7, 1)).await;
-    assert_eq!(rate(&response).1, 300 - 2 - 1);
+    assert_eq!(rate(&response).1, 300 - 3 - 1);
     accepted(response).await;
     let events: i64 = f.db.scalar("SELECT count(*) FROM run_events").await;
-    assert_eq!(events, 3);
+    assert_eq!(events, 4);
 }
