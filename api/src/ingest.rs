@@ -144,6 +144,7 @@ impl ApiResponse for IngestError {
         });
         meta
     }
+
     fn register(registry: &mut Registry) {
         ApiError::register(registry);
     }
