@@ -8,6 +8,7 @@ use poem::{Body, IntoResponse, Response};
 use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses, Registry};
 use poem_openapi::types::Type;
 use poem_openapi::ApiResponse;
+use runq_shared::db::ingest::RateLimit;
 use runq_shared::quotas::Quota;
 use runq_shared::{DbError, Problem};
 
@@ -65,6 +66,10 @@ pub enum ApiError {
         /// The message, naming all of the above.
         detail: String,
     },
+    /// The token's ingest rate limit is used up; the response carries the
+    /// `X-RateLimit-*` and `Retry-After` headers.
+    #[error("this token's ingest limit of {} events per minute is used up; retry in {} s", .0.limit, .0.reset_seconds)]
+    RateLimited(RateLimit),
     /// The database cannot be reached right now.
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
@@ -108,6 +113,11 @@ impl ApiError {
             ApiError::QuotaExceeded { .. } => {
                 (StatusCode::FORBIDDEN, "quota-exceeded", "Quota exceeded")
             }
+            ApiError::RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+            ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -167,8 +177,9 @@ impl From<DbError> for ApiError {
             | DbError::TokenNotFound(_)
             | DbError::TenantNotFound(_) => ApiError::NotFound(err.to_string()),
             DbError::ProductionRefused { .. } => ApiError::Forbidden(err.to_string()),
-            DbError::ProjectNameTaken(_) => ApiError::Conflict(err.to_string()),
-            DbError::WrongStatus { .. } => ApiError::Conflict(err.to_string()),
+            DbError::ProjectNameTaken(_)
+            | DbError::WrongStatus { .. }
+            | DbError::RunNotIngesting { .. } => ApiError::Conflict(err.to_string()),
             DbError::Invalid(invalid) => ApiError::Unprocessable(invalid.0),
             DbError::IdempotencyMismatch(_) => ApiError::Unprocessable(err.to_string()),
             DbError::QuotaExceeded {
@@ -272,13 +283,33 @@ impl ResponseError for ApiError {
                     let wait = (*at - Utc::now()).num_milliseconds().max(0);
                     let seconds = ((wait + 999) / 1000).max(1);
                     headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-                    headers.insert("x-ratelimit-reset", HeaderValue::from(at.timestamp()));
+                    // Seconds until the reset, as for ingest's limit and as
+                    // the IETF RateLimit draft counts it.
+                    headers.insert("x-ratelimit-reset", HeaderValue::from(seconds));
                 }
+            }
+            ApiError::RateLimited(rate) => {
+                let headers = response.headers_mut();
+                for (name, value) in rate_limit_headers(rate) {
+                    headers.insert(name, HeaderValue::from(value));
+                }
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(rate.reset_seconds));
             }
             _ => {}
         }
         response
     }
+}
+
+/// The `X-RateLimit-*` headers describing `rate`: the limit per minute, what
+/// is left of it now, and the seconds until the oldest events counted leave
+/// the window.
+pub(crate) fn rate_limit_headers(rate: &RateLimit) -> [(&'static str, u32); 3] {
+    [
+        ("x-ratelimit-limit", rate.limit),
+        ("x-ratelimit-remaining", rate.remaining),
+        ("x-ratelimit-reset", rate.reset_seconds),
+    ]
 }
 
 impl IntoResponse for ApiError {
@@ -321,11 +352,11 @@ const PROBLEM_STATUSES: [(u16, &str); 10] = [
     ),
     (
         429,
-        "A rate quota refuses the request (`runs_per_day`, the runs accepted in the last \
-         24 hours): `detail` and the extension members `quota`, `limit`, `used` and \
-         `resets_at` say which and until when; `Retry-After` gives the seconds until \
-         enough frees up, `X-RateLimit-Limit`, `X-RateLimit-Remaining` and \
-         `X-RateLimit-Reset` (Unix seconds) the figures",
+        "A rate refuses the request: the quota `runs_per_day` (the runs accepted in the \
+         last 24 hours; `detail` and the extension members `quota`, `limit`, `used` and \
+         `resets_at` say which and until when) or a token's ingest limit (events per \
+         minute). `Retry-After` and `X-RateLimit-Reset` give the seconds until enough \
+         frees up, `X-RateLimit-Limit` and `X-RateLimit-Remaining` the figures",
     ),
     (
         503,

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod ingest;
 mod params;
 pub mod projects;
 pub mod quotas;
@@ -26,6 +27,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::audit::AuditApi;
 use crate::error::ApiError;
+use crate::ingest::IngestApi;
 use crate::params::{Asked, Parameters};
 use crate::projects::ProjectsApi;
 use crate::quotas::QuotasApi;
@@ -72,6 +74,7 @@ impl HealthApi {
 /// Every group of endpoints.
 type Apis = (
     RunsApi,
+    IngestApi,
     ProjectsApi,
     TokensApi,
     AuditApi,
@@ -84,12 +87,24 @@ fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<Apis, ()> {
         pool: pool.clone(),
         step_kinds: config.step_kinds.clone(),
     };
+    let ingest = IngestApi {
+        pool: pool.clone(),
+        max_events_per_minute: config.max_events_per_minute,
+    };
     let projects = ProjectsApi { pool: pool.clone() };
     let tokens = TokensApi { pool: pool.clone() };
     let audit = AuditApi { pool: pool.clone() };
     let quotas = QuotasApi { pool: pool.clone() };
     OpenApiService::new(
-        (runs, projects, tokens, audit, quotas, HealthApi { pool }),
+        (
+            runs,
+            ingest,
+            projects,
+            tokens,
+            audit,
+            quotas,
+            HealthApi { pool },
+        ),
         "runq",
         env!("CARGO_PKG_VERSION"),
     )
@@ -108,6 +123,7 @@ pub fn spec() -> String {
         listen: String::new(),
         max_body_bytes: 0,
         step_kinds: Vec::new(),
+        max_events_per_minute: 300,
     };
     // The pool is never used: building the document makes no connection, and
     // without lifetimes or minimum connections it spawns no maintenance task,

@@ -40,6 +40,15 @@ pub struct ApiConfig {
     /// (kinds your workers register), comma separated.
     #[arg(long, env = "RUNQ_STEP_KINDS", value_delimiter = ',')]
     pub step_kinds: Vec<String>,
+    /// Events one token may send to `POST /v1/ingest/events` per sliding
+    /// minute, counted across every API process sharing the database.
+    #[arg(
+        long,
+        env = "MAX_EVENTS_PER_MINUTE",
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_events_per_minute: u32,
 }
 
 /// A worker process.

@@ -182,6 +182,7 @@ impl ApiServer {
             listen: address.to_string(),
             max_body_bytes: MAX_BODY_BYTES,
             step_kinds: Vec::new(),
+            max_events_per_minute: 300,
         };
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();

@@ -43,6 +43,8 @@ fn spec_describes_every_payload() {
         "RunDetail",
         "Step",
         "Event",
+        "IngestEvents",
+        "IngestedEvents",
         "Problem",
         "OutboxEvent",
         "RunSnapshot",
@@ -91,6 +93,8 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             "CreateRuns",
             "CreateToken",
             "EnableProductionOverride",
+            "IngestEvent",
+            "IngestEvents",
             "NewStep",
             "QuotaOverrides",
             "RetryRuns",
@@ -108,6 +112,8 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
         ("UpdateProject", refuses::<runq_shared::UpdateProject>()),
         ("CreateRun", refuses::<CreateRun>()),
         ("CreateRuns", refuses::<runq_shared::CreateRuns>()),
+        ("IngestEvent", refuses::<runq_shared::IngestEvent>()),
+        ("IngestEvents", refuses::<runq_shared::IngestEvents>()),
         ("NewStep", refuses::<NewStep>()),
         ("RetryRuns", refuses::<runq_shared::RetryRuns>()),
         (
@@ -244,6 +250,36 @@ fn serde_and_openapi_forms_agree() {
             }),
             result: None,
         },
+    });
+    agree(runq_shared::IngestEvents {
+        run_id: uuid::Uuid::now_v7(),
+        events: vec![
+            runq_shared::IngestEvent {
+                kind: "log".into(),
+                data: json!({ "line": "x" }),
+                occurred_at: Some(now),
+            },
+            runq_shared::IngestEvent {
+                kind: "metric".into(),
+                data: json!(null),
+                occurred_at: None,
+            },
+        ],
+    });
+    agree(runq_shared::IngestedEvents {
+        accepted: 10,
+        rejected: 5,
+        truncated: 1,
+    });
+    agree(runq_shared::Event {
+        id: 7,
+        attempt: 1,
+        position: None,
+        kind: "log".into(),
+        data: json!({ "truncated": true, "original_bytes": 70000, "data": "{" }),
+        truncated: true,
+        occurred_at: Some(now),
+        created_at: now,
     });
     agree(StepInput {
         id: uuid::Uuid::now_v7(),

@@ -13,6 +13,7 @@ mod events;
 mod execution;
 mod faults;
 mod hardening;
+mod ingest;
 mod isolation;
 mod load;
 mod properties;

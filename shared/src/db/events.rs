@@ -1,10 +1,13 @@
-//! Reads of `run_events`. Events are written with the checkpoint or completion
-//! of the step that recorded them ([`super::runs`]), fenced like every worker write.
+//! `run_events`: reads, and the inserts of ingested events. Events a step
+//! records are written with the checkpoint or completion of that step
+//! ([`super::runs`]), fenced like every worker write; events a sidecar sends
+//! are written by [`insert_ingested`], under the rate limit of
+//! [`super::ingest`].
 
 use sqlx::PgConnection;
 
 use super::DbError;
-use crate::model::{Event, RunId, TenantId};
+use crate::model::{Event, IngestEvent, RunId, TenantId};
 
 /// Events of run `id` after event id `after`, oldest first, at most `limit`.
 ///
@@ -21,7 +24,7 @@ pub async fn list(
     Ok(sqlx::query_as!(
         Event,
         r#"
-        SELECT id, attempt, position, kind, data, created_at
+        SELECT id, attempt, position, kind, data, truncated, occurred_at, created_at
         FROM run_events
         WHERE run_id = $1 AND tenant_id = $2 AND id > $3
         ORDER BY id
@@ -34,4 +37,59 @@ pub async fn list(
     )
     .fetch_all(&mut *conn)
     .await?)
+}
+
+/// Inserts `events` for attempt `attempt` of run `run` (no step: `position`
+/// NULL), in order, with one statement. Each event's data is stored
+/// truncated when over 64 KB ([`crate::model::truncate_event_data`]).
+/// Returns how many were stored truncated.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn insert_ingested(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    run: RunId,
+    attempt: i32,
+    events: &[IngestEvent],
+) -> Result<u32, DbError> {
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut data = Vec::with_capacity(events.len());
+    let mut truncated = Vec::with_capacity(events.len());
+    let mut occurred = Vec::with_capacity(events.len());
+    for event in events {
+        kinds.push(event.kind.clone());
+        match crate::model::truncate_event_data(&event.data) {
+            Some(cut) => {
+                data.push(cut);
+                truncated.push(true);
+            }
+            None => {
+                data.push(event.data.clone());
+                truncated.push(false);
+            }
+        }
+        occurred.push(event.occurred_at);
+    }
+    sqlx::query!(
+        r#"
+        INSERT INTO run_events (run_id, tenant_id, attempt, position, kind, data, truncated,
+                                occurred_at)
+        SELECT $1, $2, $3, NULL, e.kind, e.data, e.truncated, e.occurred_at
+        FROM unnest($4::text[], $5::jsonb[], $6::bool[], $7::timestamptz[])
+             WITH ORDINALITY AS e(kind, data, truncated, occurred_at, n)
+        ORDER BY e.n
+        "#,
+        run,
+        tenant,
+        attempt,
+        &kinds,
+        &data,
+        &truncated,
+        &occurred as &[Option<chrono::DateTime<chrono::Utc>>],
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(truncated.iter().filter(|t| **t).count() as u32)
 }

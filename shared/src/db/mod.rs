@@ -11,6 +11,7 @@ use sqlx::PgPool;
 
 pub mod audit;
 pub mod events;
+pub mod ingest;
 pub mod outbox;
 pub mod projects;
 pub mod quotas;
@@ -45,6 +46,19 @@ pub enum DbError {
         operation: &'static str,
         /// Which statuses allow it.
         needs: &'static str,
+    },
+    /// The run takes no ingested events now: it is not running and its
+    /// latest attempt did not end within the grace window.
+    #[error("run {id} is {status}{}; events are accepted while a run is running and for {grace_seconds} s after an attempt ends", ended_words(*.ended_seconds_ago))]
+    RunNotIngesting {
+        /// The run.
+        id: uuid::Uuid,
+        /// Its current status.
+        status: &'static str,
+        /// Seconds since its latest attempt ended, if one did.
+        ended_seconds_ago: Option<i64>,
+        /// The grace window, in seconds.
+        grace_seconds: i64,
     },
     /// The referenced project does not exist for this tenant.
     #[error("project {0} not found")]
@@ -97,6 +111,13 @@ pub enum DbError {
     /// Migrations could not be applied.
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+fn ended_words(ended_seconds_ago: Option<i64>) -> String {
+    match ended_seconds_ago {
+        Some(seconds) => format!(" and its latest attempt ended {seconds} s ago"),
+        None => String::new(),
+    }
 }
 
 impl DbError {

@@ -418,6 +418,7 @@ impl TestApi {
             listen: "127.0.0.1:0".to_owned(),
             max_body_bytes: 4 * 1024 * 1024,
             step_kinds: vec!["double".to_owned()],
+            max_events_per_minute: 300,
         }
     }
 }

@@ -71,3 +71,57 @@ pub async fn list(
     .map(Run::from)
     .collect())
 }
+
+/// The attempt ingested events of run `id` are recorded under, if the run
+/// takes events now: it is `running`, or its latest attempt ended (the run
+/// finished, or failed and waits for its retry) at most `grace_seconds` ago
+/// on the database clock. `project`, when given, is the one project the
+/// caller may write to; a run of another project is not found.
+///
+/// # Errors
+///
+/// [`DbError::RunNotFound`] when `tenant` (and `project`) has no such run,
+/// [`DbError::RunNotIngesting`] when it takes no events now.
+pub async fn ingest_attempt(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: RunId,
+    project: Option<Uuid>,
+    grace_seconds: i64,
+) -> Result<i32, DbError> {
+    let row = sqlx::query!(
+        r#"
+        SELECT r.status AS "status: RunStatus", r.attempt,
+               coalesce(r.status = 'running'
+                        OR e.ended_at >= now() - make_interval(secs => $4), false) AS "open!",
+               floor(extract(epoch FROM now() - e.ended_at))::bigint AS ended_seconds_ago
+        FROM runs r
+        CROSS JOIN LATERAL (
+            SELECT CASE
+                WHEN r.status = 'running' THEN NULL
+                WHEN r.finished_at IS NOT NULL THEN r.finished_at
+                -- A failed attempt waiting for its retry: when it ended.
+                WHEN r.status = 'pending' AND r.attempt > 0
+                    THEN (r.errors -> -1 ->> 'at')::timestamptz
+            END AS ended_at
+        ) e
+        WHERE r.id = $1 AND r.tenant_id = $2 AND ($3::uuid IS NULL OR r.project_id = $3)
+        "#,
+        id,
+        tenant,
+        project,
+        grace_seconds as f64,
+    )
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(DbError::RunNotFound(id))?;
+    if !row.open {
+        return Err(DbError::RunNotIngesting {
+            id,
+            status: row.status.as_str(),
+            ended_seconds_ago: row.ended_seconds_ago,
+            grace_seconds,
+        });
+    }
+    Ok(row.attempt)
+}
