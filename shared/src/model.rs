@@ -25,6 +25,9 @@ pub const MAX_QUEUE_LEN: usize = 64;
 pub const MAX_NAME_LEN: usize = 255;
 /// Most attempts a run may be given.
 pub const MAX_ATTEMPTS: i32 = 100;
+/// Most bytes a run's `metadata` may take as compact JSON: it is copied into
+/// every step's envelope.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 /// The step kinds every worker can execute.
 pub const BUILTIN_STEP_KINDS: [&str; 4] = ["http", "sleep", "echo", "fail"];
 
@@ -173,9 +176,9 @@ pub struct CreateRun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none)]
     pub project_id: Option<Uuid>,
-    /// Free-form JSON object handed to every step, unchanged. No string or
-    /// key in it may hold `\u0000` and it may nest at most 100 levels (a 422
-    /// names the place).
+    /// Free-form JSON object handed to every step, unchanged: at most 65,536
+    /// bytes as compact JSON. No string or key in it may hold `\u0000` and
+    /// it may nest at most 100 levels (a 422 names the place).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none)]
     pub metadata: Option<Value>,
@@ -239,6 +242,12 @@ impl CreateRun {
                 return Err(InvalidRun("metadata must be a JSON object".to_owned()));
             }
             crate::storable::check("metadata", metadata).map_err(InvalidRun::from)?;
+            let size = serde_json::to_vec(metadata).map_or(0, |bytes| bytes.len());
+            if size > MAX_METADATA_BYTES {
+                return Err(InvalidRun(format!(
+                    "metadata takes {size} bytes as JSON, more than {MAX_METADATA_BYTES}"
+                )));
+            }
         }
         if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
             return Err(InvalidRun(format!(

@@ -442,6 +442,11 @@ async fn bad_run_bodies_get_problems_and_change_nothing() {
             "teleport",
         ),
         (
+            json!({ "metadata": { "blob": "x".repeat(70_000) }, "steps": [step] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "more than 65536",
+        ),
+        (
             json!({ "queue": "", "steps": [step] }),
             StatusCode::UNPROCESSABLE_ENTITY,
             "queue",
