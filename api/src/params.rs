@@ -94,34 +94,42 @@ impl Parameters {
         Parameters { operations }
     }
 
-    /// The methods of the path template `path` reaches (the one with the most
-    /// literal segments, as the router picks it), for the `Allow` header.
-    pub(crate) fn allowed(&self, path: &str) -> Vec<String> {
-        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        let matching: Vec<&Operation> = self
-            .operations
-            .iter()
-            .filter(|op| op.segments.len() == parts.len())
-            .filter(|op| {
-                op.segments
+    /// The operations whose template `parts` (a path split on `/`) fits,
+    /// keeping only those with the most literal segments, as the router
+    /// picks a template.
+    fn reached<'a>(&'a self, parts: &[&str]) -> Vec<&'a Operation> {
+        let fits = |op: &&Operation| {
+            op.segments.len() == parts.len()
+                && op
+                    .segments
                     .iter()
-                    .zip(&parts)
+                    .zip(parts)
                     .all(|(segment, part)| match segment {
                         Segment::Literal(literal) => literal == part,
                         Segment::Variable(_) => true,
                     })
-            })
-            .collect();
+        };
         let literals = |op: &Operation| {
             op.segments
                 .iter()
                 .filter(|s| matches!(s, Segment::Literal(_)))
                 .count()
         };
+        let matching: Vec<&Operation> = self.operations.iter().filter(fits).collect();
         let best = matching.iter().map(|op| literals(op)).max();
-        let mut methods: Vec<String> = matching
+        matching
             .into_iter()
             .filter(|op| Some(literals(op)) == best)
+            .collect()
+    }
+
+    /// The methods of the path template `path` reaches, for the `Allow`
+    /// header.
+    pub(crate) fn allowed(&self, path: &str) -> Vec<String> {
+        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let mut methods: Vec<String> = self
+            .reached(&parts)
+            .into_iter()
             .map(|op| op.method.clone())
             .collect();
         methods.sort();
@@ -129,29 +137,14 @@ impl Parameters {
         methods
     }
 
-    /// The operation `asked` reached: the one whose template matches with
-    /// the most literal segments.
+    /// The operation `asked` reached.
     fn operation<'a>(&self, asked: &'a Asked) -> Option<(&Operation, Vec<&'a str>)> {
         let parts: Vec<&str> = asked.path.split('/').filter(|s| !s.is_empty()).collect();
-        self.operations
-            .iter()
-            .filter(|op| op.method == asked.method.as_str() && op.segments.len() == parts.len())
-            .filter(|op| {
-                op.segments
-                    .iter()
-                    .zip(&parts)
-                    .all(|(segment, part)| match segment {
-                        Segment::Literal(literal) => literal == part,
-                        Segment::Variable(_) => true,
-                    })
-            })
-            .max_by_key(|op| {
-                op.segments
-                    .iter()
-                    .filter(|s| matches!(s, Segment::Literal(_)))
-                    .count()
-            })
-            .map(|op| (op, parts.clone()))
+        let operation = self
+            .reached(&parts)
+            .into_iter()
+            .find(|op| op.method == asked.method.as_str())?;
+        Some((operation, parts))
     }
 
     /// The 400 for a parameter error of poem-openapi, or `None` for any
