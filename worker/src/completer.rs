@@ -277,6 +277,8 @@ impl Completer {
     }
 
     async fn write(&self, writes: &[Write]) -> Result<Vec<Written>, DbError> {
+        // Borrowed, not cloned: a bisected batch is written again from the
+        // same writes.
         let mut checkpoints = Vec::new();
         let mut checkpoint_events = Vec::new();
         let mut completions = Vec::new();
@@ -286,12 +288,12 @@ impl Completer {
                 Write::Checkpoint {
                     checkpoint, events, ..
                 } => {
-                    checkpoints.push(checkpoint.clone());
-                    checkpoint_events.extend(events.iter().cloned());
+                    checkpoints.push(checkpoint);
+                    checkpoint_events.extend(events);
                 }
                 Write::Complete { completion, events } => {
-                    completions.push(completion.clone());
-                    completion_events.extend(events.iter().cloned());
+                    completions.push(completion);
+                    completion_events.extend(events);
                 }
             }
         }

@@ -2,6 +2,8 @@
 //! and the outcomes of finished attempts, each batch in one statement, each
 //! row fenced on its lease token (see the module doc of [`super`]).
 
+use std::borrow::Borrow;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -19,12 +21,12 @@ use crate::protocol::{Backoff, Checkpoint, CheckpointResult, Completion, Outcome
 /// # Errors
 ///
 /// Database errors: the whole batch is written or none of it.
-pub async fn checkpoint_many(
+pub async fn checkpoint_many<C: Borrow<Checkpoint>>(
     conn: &mut PgConnection,
-    checkpoints: &[Checkpoint],
-    events: &[StepEvent],
+    checkpoints: &[C],
+    events: &[&StepEvent],
 ) -> Result<Vec<CheckpointResult>, DbError> {
-    let mut sorted: Vec<&Checkpoint> = checkpoints.iter().collect();
+    let mut sorted: Vec<&Checkpoint> = checkpoints.iter().map(Borrow::borrow).collect();
     sorted.sort_by_key(|c| c.lease.id);
     let ids: Vec<Uuid> = sorted.iter().map(|c| c.lease.id).collect();
     let tokens: Vec<i64> = sorted.iter().map(|c| c.lease.token).collect();
@@ -85,7 +87,7 @@ pub async fn checkpoint_many(
         .collect();
     Ok(checkpoints
         .iter()
-        .map(|c| match owned.get(&c.lease.id) {
+        .map(|c| match owned.get(&c.borrow().lease.id) {
             Some(&cancel_requested) => CheckpointResult::Stored { cancel_requested },
             None => CheckpointResult::LeaseLost,
         })
@@ -102,13 +104,13 @@ pub async fn checkpoint_many(
 /// # Errors
 ///
 /// Database errors: the whole batch is written or none of it.
-pub async fn complete_many(
+pub async fn complete_many<C: Borrow<Completion>>(
     conn: &mut PgConnection,
-    completions: &[Completion],
-    events: &[StepEvent],
+    completions: &[C],
+    events: &[&StepEvent],
     backoff: Backoff,
 ) -> Result<Vec<RunId>, DbError> {
-    let mut sorted: Vec<&Completion> = completions.iter().collect();
+    let mut sorted: Vec<&Completion> = completions.iter().map(Borrow::borrow).collect();
     sorted.sort_by_key(|c| c.lease.id);
     let mut cols = CompletionColumns::default();
     for completion in sorted {
@@ -281,7 +283,7 @@ struct EventColumns {
 }
 
 impl EventColumns {
-    fn new(events: &[StepEvent]) -> Self {
+    fn new(events: &[&StepEvent]) -> Self {
         Self {
             runs: events.iter().map(|e| e.lease.id).collect(),
             attempts: events.iter().map(|e| e.lease.attempt).collect(),
