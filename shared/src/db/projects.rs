@@ -51,6 +51,22 @@ fn name_taken(err: sqlx::Error, name: &str) -> DbError {
     }
 }
 
+/// `query_as!` into a project [`Row`]: `prefix <every project column>
+/// suffix`, the one place the column list is written (`prefix` ends in
+/// `SELECT` or `RETURNING`).
+macro_rules! query_projects {
+    ($prefix:tt, $suffix:tt $(, $arg:expr)* $(,)?) => {
+        sqlx::query_as!(
+            Row,
+            $prefix
+                + " id, name, environment, target_url, override_enabled_by, \
+                   override_enabled_at, created_at "
+                + $suffix
+            $(, $arg)*
+        )
+    };
+}
+
 /// Creates a project of `tenant`, within its `projects` quota. Run it in a
 /// transaction: the quota check holds the tenant's lock until it ends, so
 /// two concurrent creations cannot both take the last place.
@@ -65,12 +81,11 @@ pub async fn create(
     project: &CreateProject,
 ) -> Result<Project, DbError> {
     crate::db::quotas::check_projects(conn, tenant).await?;
-    let row = sqlx::query_as!(
-        Row,
+    let row = query_projects!(
         "INSERT INTO projects (id, tenant_id, name, environment, target_url)
          VALUES ($1, $2, $3, $4, $5)
-         RETURNING id, name, environment, target_url, override_enabled_by,
-                   override_enabled_at, created_at",
+         RETURNING",
+        "",
         Uuid::now_v7(),
         tenant,
         project.name,
@@ -89,11 +104,9 @@ pub async fn create(
 ///
 /// Database errors.
 pub async fn list(conn: &mut PgConnection, tenant: TenantId) -> Result<Vec<Project>, DbError> {
-    let rows = sqlx::query_as!(
-        Row,
-        "SELECT id, name, environment, target_url, override_enabled_by,
-                override_enabled_at, created_at
-         FROM projects WHERE tenant_id = $1 ORDER BY id",
+    let rows = query_projects!(
+        "SELECT",
+        "FROM projects WHERE tenant_id = $1 ORDER BY id",
         tenant,
     )
     .fetch_all(&mut *conn)
@@ -107,11 +120,9 @@ pub async fn list(conn: &mut PgConnection, tenant: TenantId) -> Result<Vec<Proje
 ///
 /// [`DbError::ProjectNotFound`], else database errors.
 pub async fn get(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> Result<Project, DbError> {
-    sqlx::query_as!(
-        Row,
-        "SELECT id, name, environment, target_url, override_enabled_by,
-                override_enabled_at, created_at
-         FROM projects WHERE tenant_id = $1 AND id = $2",
+    query_projects!(
+        "SELECT",
+        "FROM projects WHERE tenant_id = $1 AND id = $2",
         tenant,
         id,
     )
@@ -149,8 +160,7 @@ pub async fn update(
     id: Uuid,
     changes: &UpdateProject,
 ) -> Result<Project, DbError> {
-    sqlx::query_as!(
-        Row,
+    query_projects!(
         "UPDATE projects SET
             name = coalesce($3, name),
             target_url = coalesce($5, target_url),
@@ -161,8 +171,8 @@ pub async fn update(
                                        THEN override_enabled_at END,
             environment = coalesce($4, environment)
          WHERE tenant_id = $1 AND id = $2
-         RETURNING id, name, environment, target_url, override_enabled_by,
-                   override_enabled_at, created_at",
+         RETURNING",
+        "",
         tenant,
         id,
         changes.name,
@@ -187,11 +197,10 @@ pub async fn delete(
     tenant: TenantId,
     id: Uuid,
 ) -> Result<Project, DbError> {
-    sqlx::query_as!(
-        Row,
+    query_projects!(
         "DELETE FROM projects WHERE tenant_id = $1 AND id = $2
-         RETURNING id, name, environment, target_url, override_enabled_by,
-                   override_enabled_at, created_at",
+         RETURNING",
+        "",
         tenant,
         id,
     )
@@ -213,8 +222,7 @@ pub async fn set_override(
     id: Uuid,
     enabled_by: Option<Uuid>,
 ) -> Result<Project, DbError> {
-    sqlx::query_as!(
-        Row,
+    query_projects!(
         "UPDATE projects SET
             production_override = $3::uuid IS NOT NULL,
             override_enabled_by = CASE WHEN $3::uuid IS NULL THEN NULL
@@ -224,8 +232,8 @@ pub async fn set_override(
                                        WHEN production_override THEN override_enabled_at
                                        ELSE now() END
          WHERE tenant_id = $1 AND id = $2
-         RETURNING id, name, environment, target_url, override_enabled_by,
-                   override_enabled_at, created_at",
+         RETURNING",
+        "",
         tenant,
         id,
         enabled_by,
