@@ -111,15 +111,3 @@ impl From<RunRow> for Run {
         }
     }
 }
-
-/// Tells waiting workers that runs are claimable (once per transaction).
-///
-/// # Errors
-///
-/// Database errors.
-pub async fn notify_pending(conn: &mut sqlx::PgConnection) -> Result<(), super::DbError> {
-    sqlx::query!("SELECT pg_notify('runq_pending', '')")
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
