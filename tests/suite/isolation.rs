@@ -378,3 +378,45 @@ async fn repeated_idempotency_key_with_a_different_request_is_refused() {
     let count: i64 = db.scalar("SELECT count(*) FROM runs").await;
     assert_eq!(count, 1);
 }
+
+/// A `\u0000` in a filter (the list's `queue` query parameter, bulk retry's
+/// `queue`) matches nothing, since no stored queue name can hold one: the
+/// answer is an empty result, not the 500 Postgres's refusal of the
+/// parameter used to become, and no other run is touched.
+#[tokio::test]
+async fn nul_in_a_queue_filter_matches_nothing() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let token = token(&db, tenant).await;
+    let api = TestApi::start(db.pool.clone(), TestApi::config());
+    let client = reqwest::Client::new();
+    db.enqueue(tenant, vec![echo_run(json!({}))]).await;
+    db.execute("UPDATE runs SET status = 'failed', finished_at = now()")
+        .await;
+
+    let listed = client
+        .get(format!("{}/v1/runs?queue=de%00fault", api.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(listed.status(), StatusCode::OK);
+    let page: Value = listed.json().await.expect("page");
+    assert_eq!(page["runs"], json!([]));
+
+    let retried = client
+        .post(format!("{}/v1/runs/retry", api.base))
+        .bearer_auth(&token)
+        .json(&json!({ "queue": "de\u{0}fault" }))
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(retried.status(), StatusCode::OK);
+    let retried: Value = retried.json().await.expect("retried");
+    assert_eq!(retried["ids"], json!([]));
+    assert_eq!(
+        db.count_status("failed").await,
+        1,
+        "the failed run is untouched"
+    );
+}
