@@ -10,11 +10,13 @@
 //! - [`maintenance`]: the lease rescuer, run by every worker.
 #![warn(missing_docs)]
 
+mod claim_loop;
 mod completer;
 mod executor;
 pub mod handler;
 mod leases;
 pub mod maintenance;
+mod services;
 mod worker;
 
 pub use handler::{Events, Handler, Handlers, StepError};

@@ -4,32 +4,30 @@
 //!
 //! [`Worker::run`] is four named steps: register, start the services
 //! (listener, heartbeat, lease guard, rescuer, completer), the claim loop
-//! ([`ClaimLoop`]), and the shutdown drain.
+//! (`claim_loop`), and the shutdown drain; the listener, heartbeat and lease
+//! guard live in `services`.
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use runq_shared::config::WorkerConfig;
 use runq_shared::db::runs;
-use runq_shared::db::{workers, DbError, CANCEL_CHANNEL, PENDING_CHANNEL};
+use runq_shared::db::{workers, DbError};
 use runq_shared::protocol::{Backoff, ClaimedRun, Lease};
 use runq_shared::WorkerId;
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::claim_loop::{claim, ClaimLoop};
 use crate::completer::Completer;
-use crate::executor::{self, Context, TaskEnd};
+use crate::executor::Context;
 use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
 use crate::maintenance::Rescuer;
+use crate::services::{guard_leases, heartbeat, lease_guard, listen};
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -57,28 +55,10 @@ pub struct WorkerReport {
 
 /// A worker: any number may run against the same database, on any host.
 pub struct Worker {
-    id: WorkerId,
-    pool: PgPool,
-    config: WorkerConfig,
-    handlers: Handlers,
-}
-
-/// A claim in flight: the runs, and the instant the statement was sent.
-type ClaimFuture =
-    Pin<Box<dyn Future<Output = Result<(Vec<ClaimedRun>, Instant), DbError>> + Send>>;
-
-/// Delay before the next try after `failures` failures in a row of a claim or
-/// a listener connection: 200 ms doubling up to 5 s.
-fn retry_delay(failures: u32) -> Duration {
-    Duration::from_millis((100u64 << failures.min(6)).min(5_000))
-}
-
-/// How long before its local lease deadline a run is dropped: a tenth of the
-/// lease, at least 50 ms. It covers the time the abort takes to reach the
-/// step in flight, so the step stops before the database could expire the
-/// lease and the rescuer hand the run to another worker.
-fn lease_guard(lease_ms: u64) -> Duration {
-    Duration::from_millis((lease_ms / 10).max(50))
+    pub(crate) id: WorkerId,
+    pub(crate) pool: PgPool,
+    pub(crate) config: WorkerConfig,
+    pub(crate) handlers: Handlers,
 }
 
 impl Worker {
@@ -347,354 +327,6 @@ impl Worker {
                 tracing::warn!(error = %err, runs = to_release.len(), "could not release runs");
                 0
             }
-        }
-    }
-}
-
-/// The claim loop's state: claimed runs waiting for a slot, executors, the
-/// claim in flight.
-struct ClaimLoop {
-    pool: PgPool,
-    worker: WorkerId,
-    queues: Vec<String>,
-    lease_ms: u64,
-    concurrency: usize,
-    /// Most runs held at once: slots plus prefetch.
-    capacity: usize,
-    /// Refill the prefetch buffer once it is this low, so claims come in
-    /// large batches rather than one per finished run.
-    low_water: usize,
-    poll_interval: Duration,
-    leases: Leases,
-    context: Arc<Context>,
-    /// Claimed runs not yet started (under lease, heartbeated).
-    buffer: VecDeque<ClaimedRun>,
-    tasks: JoinSet<TaskEnd>,
-    /// The claim in flight, with the number of runs it asked for.
-    claiming: Option<(ClaimFuture, usize)>,
-    /// Runs shutdown interrupted, to hand back once outcomes are flushed.
-    interrupted: Vec<Lease>,
-    /// Set when a claim came back short: wait for a notification or a poll.
-    drained: bool,
-    claim_failures: u32,
-    report: WorkerReport,
-}
-
-impl ClaimLoop {
-    fn new(worker: &Worker, leases: Leases, context: Arc<Context>) -> Self {
-        let config = &worker.config;
-        Self {
-            pool: worker.pool.clone(),
-            worker: worker.id,
-            queues: config.queues.clone(),
-            lease_ms: config.lease_ms,
-            concurrency: config.concurrency,
-            capacity: config.concurrency + config.prefetch,
-            low_water: config.prefetch / 2,
-            poll_interval: Duration::from_millis(config.poll_interval_ms.max(10)),
-            leases,
-            context,
-            buffer: VecDeque::new(),
-            tasks: JoinSet::new(),
-            claiming: None,
-            interrupted: Vec::new(),
-            drained: false,
-            claim_failures: 0,
-            report: WorkerReport::default(),
-        }
-    }
-
-    /// Claims and executes until `shutdown` fires.
-    async fn run(&mut self, wake: &Notify, shutdown: &CancellationToken) {
-        let mut poll = tokio::time::interval(self.poll_interval);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            self.start_buffered();
-            self.maybe_claim();
-            tokio::select! {
-                (claimed, asked) = async {
-                    let (future, asked) = self.claiming.as_mut().expect("guarded by the branch condition");
-                    (future.await, *asked)
-                }, if self.claiming.is_some() => {
-                    self.claiming = None;
-                    if let Err(err) = self.on_claimed(claimed, asked) {
-                        let delay = retry_delay(self.claim_failures);
-                        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
-                            "claim failed");
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = shutdown.cancelled() => {}
-                        }
-                    }
-                }
-                Some(ended) = self.tasks.join_next(), if !self.tasks.is_empty() => self.record(ended),
-                _ = self.leases.freed() => {}
-                _ = wake.notified() => self.drained = false,
-                _ = poll.tick() => self.drained = false,
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    }
-
-    /// Starts buffered runs while slots are free; a run whose lease was lost
-    /// while it waited is dropped.
-    fn start_buffered(&mut self) {
-        while self.tasks.len() < self.concurrency {
-            let Some(run) = self.buffer.pop_front() else {
-                return;
-            };
-            match self.leases.signals(run.lease) {
-                Some(signals) if !signals.lost.is_cancelled() => {
-                    self.tasks.spawn(executor::execute_guarded(
-                        run,
-                        signals,
-                        self.context.clone(),
-                    ));
-                }
-                _ => {
-                    self.report.dropped += 1;
-                    self.leases.remove(run.lease);
-                }
-            }
-        }
-    }
-
-    /// Sends a claim for the room left, if none is in flight and the queue
-    /// may hold more.
-    fn maybe_claim(&mut self) {
-        // Held runs, not just running tasks: a run whose outcome waits in the
-        // completer still holds its lease, so this bounds what the worker
-        // keeps from other workers when its writes slow down.
-        let room = self.capacity.saturating_sub(self.leases.len());
-        if self.claiming.is_some()
-            || self.drained
-            || room == 0
-            || self.buffer.len() > self.low_water
-        {
-            return;
-        }
-        let claim = claim(
-            self.pool.clone(),
-            self.worker,
-            self.queues.clone(),
-            room,
-            self.lease_ms,
-        );
-        self.claiming = Some((claim, room));
-    }
-
-    /// Registers the runs a claim returned. The claim itself started their
-    /// local lease deadline (from when it was sent).
-    fn on_claimed(
-        &mut self,
-        claimed: Result<(Vec<ClaimedRun>, Instant), DbError>,
-        asked: usize,
-    ) -> Result<(), DbError> {
-        let (runs, sent) = match claimed {
-            Ok(runs) => runs,
-            Err(err) => {
-                self.claim_failures += 1;
-                self.drained = true;
-                return Err(err);
-            }
-        };
-        self.claim_failures = 0;
-        // Compared with what this claim asked for, not with today's room:
-        // runs that finished meanwhile must not make a full claim look like
-        // an empty queue.
-        self.drained = runs.len() < asked;
-        self.report.claimed += runs.len() as u64;
-        let deadline = sent + Duration::from_millis(self.lease_ms);
-        for run in &runs {
-            self.leases.insert(run.lease, deadline);
-        }
-        self.buffer.extend(runs);
-        Ok(())
-    }
-
-    fn record(&mut self, ended: Result<TaskEnd, tokio::task::JoinError>) {
-        match ended {
-            Ok(TaskEnd::Handed) => self.report.finished += 1,
-            Ok(TaskEnd::Dropped(lease)) => {
-                self.report.dropped += 1;
-                self.leases.remove(lease);
-            }
-            Ok(TaskEnd::Interrupted(lease)) => self.interrupted.push(lease),
-            // `execute_guarded` catches panics, so only an abort (shutdown of
-            // the runtime) lands here.
-            Err(err) => tracing::error!(error = %err, "executor task failed"),
-        }
-    }
-}
-
-/// One claim statement on its own connection, with the instant it was sent:
-/// the claimed runs' local lease deadlines count from it, since it is no later
-/// than the database's `now()` that set their leases.
-fn claim(
-    pool: PgPool,
-    worker: WorkerId,
-    queues: Vec<String>,
-    limit: usize,
-    lease_ms: u64,
-) -> ClaimFuture {
-    Box::pin(async move {
-        let mut conn = pool.acquire().await?;
-        let sent = Instant::now();
-        let runs = runs::claim(&mut conn, worker, &queues, limit as i64, lease_ms as i64).await?;
-        Ok((runs, sent))
-    })
-}
-
-/// Wakes the claim loop on `runq_pending` and cancels held runs named on
-/// `runq_cancel`. Reconnects on its own; notifications lost meanwhile are
-/// covered by polling and the heartbeat.
-async fn listen(pool: PgPool, leases: Leases, wake: Arc<Notify>, stop: CancellationToken) {
-    let mut failures = 0u32;
-    loop {
-        let listener = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener
-                .listen_all([PENDING_CHANNEL, CANCEL_CHANNEL])
-                .await?;
-            Ok::<_, sqlx::Error>(listener)
-        };
-        let mut listener = tokio::select! {
-            _ = stop.cancelled() => return,
-            listener = listener => match listener {
-                Ok(listener) => listener,
-                Err(err) => {
-                    failures += 1;
-                    let delay = retry_delay(failures);
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
-                        "listener could not connect");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => continue,
-                    }
-                }
-            },
-        };
-        failures = 0;
-        // Runs may have arrived while we were not listening.
-        wake.notify_one();
-        loop {
-            let notification = tokio::select! {
-                _ = stop.cancelled() => return,
-                notification = listener.try_recv() => notification,
-            };
-            match notification {
-                Ok(Some(notification)) if notification.channel() == CANCEL_CHANNEL => {
-                    let signals = notification
-                        .payload()
-                        .parse()
-                        .ok()
-                        .and_then(|id| leases.signals_of(id));
-                    if let Some(signals) = signals {
-                        signals.cancel.cancel();
-                    }
-                }
-                Ok(Some(_)) => wake.notify_one(),
-                // The connection dropped; try_recv reconnects on the next call.
-                Ok(None) => wake.notify_one(),
-                Err(err) => {
-                    tracing::warn!(error = %err, "listener failed; reconnecting");
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// Extends every held lease in one statement each `every`, renews the local
-/// deadlines of the leases it extended, drops runs whose lease was taken
-/// over, passes on cancel requests and keeps the worker's own row fresh.
-async fn heartbeat(
-    pool: PgPool,
-    worker: WorkerId,
-    leases: Leases,
-    every: Duration,
-    lease_ms: u64,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let held = leases.all();
-        let beat = async {
-            let mut conn = pool.acquire().await?;
-            workers::heartbeat(&mut conn, worker).await?;
-            if held.is_empty() {
-                return Ok((Vec::new(), Instant::now()));
-            }
-            // Sent now: the database sets the new expiry no earlier.
-            let sent = Instant::now();
-            let alive = runs::extend_leases(&mut conn, &held, lease_ms as i64).await?;
-            Ok::<_, DbError>((alive, sent))
-        };
-        match beat.await {
-            Ok((alive, sent)) => {
-                let alive: std::collections::HashMap<_, _> =
-                    alive.into_iter().map(|run| (run.id, run)).collect();
-                let mut extended = Vec::with_capacity(held.len());
-                for lease in held {
-                    match alive.get(&lease.id) {
-                        None => {
-                            if leases.signals(lease).is_some() {
-                                tracing::warn!(run.id = %lease.id, "lease lost; dropping the run");
-                                leases.lose(lease);
-                            }
-                        }
-                        Some(run) => {
-                            if run.extended {
-                                extended.push(lease);
-                            }
-                            if run.cancel_requested {
-                                if let Some(signals) = leases.signals(lease) {
-                                    signals.cancel.cancel();
-                                }
-                            }
-                        }
-                    }
-                }
-                leases.renew(&extended, sent + Duration::from_millis(lease_ms));
-            }
-            Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
-        }
-    }
-}
-
-/// The lease guard: drops every held run `margin` before its local lease
-/// deadline, aborting the step in flight. While heartbeats succeed the
-/// deadlines keep moving and it does nothing; when this worker loses Postgres
-/// it stops acting on its runs before the rescuer could hand them to another
-/// worker (DESIGN.md, invariant 1).
-async fn guard_leases(leases: Leases, margin: Duration, stop: CancellationToken) {
-    // New claims and renewals only move deadlines later, so sleeping until the
-    // earliest one known misses nothing; the cap bounds the wait when no run
-    // is held.
-    const IDLE: Duration = Duration::from_millis(250);
-    loop {
-        let now = Instant::now();
-        let wake_at = leases
-            .earliest_deadline()
-            .map(|deadline| deadline.checked_sub(margin).unwrap_or(now))
-            .unwrap_or(now + IDLE)
-            .min(now + IDLE);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep_until(wake_at) => {}
-        }
-        let overdue = leases.expire_overdue(Instant::now() + margin);
-        if !overdue.is_empty() {
-            tracing::warn!(
-                runs = overdue.len(),
-                margin_ms = margin.as_millis() as u64,
-                "leases may be about to expire (no heartbeat got through); aborting their runs"
-            );
         }
     }
 }
