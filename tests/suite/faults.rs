@@ -2,6 +2,8 @@
 //! and Postgres itself restarted. After each, DESIGN.md's invariants are
 //! checked over every run (`check_invariants`). `just test-fast` skips these.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -12,7 +14,10 @@ use serde_json::{json, Value};
 
 use crate::support::process::{free_port, Proc};
 use crate::support::target::Target;
-use crate::support::{check_invariants, held_by, token, worker_id_of, TestDb};
+use crate::support::{check_invariants, held_by, poll, token, wait_for, worker_id_of, TestDb};
+
+/// The status of every answer the sender got, with the run's id on a 201.
+type Outcomes = Arc<Mutex<Vec<(u16, Option<uuid::Uuid>)>>>;
 
 /// Short leases so a dead worker's runs come back within a second or two.
 const FAST_LEASE: [(&str, &str); 2] = [("RUNQ_LEASE_MS", "1000"), ("RUNQ_HEARTBEAT_MS", "200")];
@@ -33,14 +38,12 @@ async fn row(db: &TestDb, id: uuid::Uuid) -> (String, i32, Option<Value>, Option
 }
 
 async fn wait_seen(target: &Target, id: uuid::Uuid, attempt: i32) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !target.seen.saw(id, attempt) {
-        assert!(
-            Instant::now() < deadline,
-            "the target never saw attempt {attempt} of {id}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        &format!("the target to see attempt {attempt} of {id}"),
+        Duration::from_secs(20),
+        &mut || async { target.seen.saw(id, attempt) },
+    )
+    .await;
 }
 
 /// Fault 1 (invariant 2): SIGKILL a worker mid-run; after its lease expires
@@ -235,7 +238,14 @@ async fn worker_recovers_when_its_connections_are_terminated() {
         .await
         .expect("terminate");
         assert!(!killed.is_empty(), "the worker had connections to cut");
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The next cut needs connections to cut: wait until the worker has
+        // reconnected on its own.
+        db.wait_for(
+            "the worker to reconnect",
+            Duration::from_secs(20),
+            || async { runq_connections(&admin).await > 0 },
+        )
+        .await;
     }
     db.wait_all_terminal(Duration::from_secs(60)).await;
 
@@ -243,6 +253,17 @@ async fn worker_recovers_when_its_connections_are_terminated() {
     assert_eq!(db.count_status("succeeded").await, 30);
     worker.stop().await;
     check_invariants(&db).await;
+}
+
+/// How many connections `runq` processes hold on this test's database.
+async fn runq_connections(admin: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'runq'",
+    )
+    .fetch_one(admin)
+    .await
+    .expect("count connections")
 }
 
 /// A cluster of this test's own (so it can be stopped), deleted afterwards.
@@ -294,32 +315,35 @@ async fn postgres_restart_under_load_loses_no_acknowledged_run() {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client");
-    let ready = Instant::now() + Duration::from_secs(30);
-    while !client
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(
-            Instant::now() < ready,
-            "the API never became ready: {}",
-            api.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ready = poll(Duration::from_secs(30), || async {
+        client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+            .then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "the API never became ready: {}",
+        api.log_text()
+    );
     let db = TestDb::attach(&url).await;
     let tenant = db.tenant("acme").await;
     let token = token(&db, tenant).await;
     let mut worker = Proc::worker(&url, &[("RUNQ_CONCURRENCY", "5")]);
 
+    // Every answer so far, in order; the sender runs until `done`.
+    let outcomes: Outcomes = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
     let sender = {
         let client = client.clone();
         let base = base.clone();
+        let outcomes = outcomes.clone();
+        let done = done.clone();
         tokio::spawn(async move {
-            let mut outcomes: Vec<(u16, Option<uuid::Uuid>)> = Vec::new();
-            let stop_at = Instant::now() + Duration::from_secs(9);
-            while Instant::now() < stop_at {
+            while !done.load(Ordering::SeqCst) {
                 let body = json!({ "steps": [{ "name": "e", "kind": "echo", "input": {} }] });
                 let response = client
                     .post(format!("{base}/v1/runs"))
@@ -342,23 +366,54 @@ async fn postgres_restart_under_load_loses_no_acknowledged_run() {
                         } else {
                             None
                         };
-                        outcomes.push((status, id));
+                        outcomes.lock().expect("outcomes").push((status, id));
                     }
                     Err(err) => panic!("request failed instead of answering: {err}"),
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            outcomes
         })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Each phase waits for the sender to have seen it: runs acknowledged
+    // before the outage, an answer during it, a run acknowledged after it.
+    // A sender that died (a failed request) ends the wait at once.
+    let answered_after = |from: usize, pred: fn(u16) -> bool| {
+        let outcomes = outcomes.clone();
+        let sender = &sender;
+        move || {
+            let seen = outcomes.lock().expect("outcomes")[from..]
+                .iter()
+                .any(|(status, _)| pred(*status));
+            let finished = sender.is_finished();
+            async move { seen || finished }
+        }
+    };
+    let seen = || outcomes.lock().expect("outcomes").len();
+    wait_for(
+        "runs acknowledged before the outage",
+        Duration::from_secs(30),
+        &mut answered_after(0, |status| status == 201),
+    )
+    .await;
     db.pool.close().await;
     own.cluster.stop().expect("stop postgres");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for(
+        "an answer during the outage",
+        Duration::from_secs(30),
+        &mut answered_after(seen(), |status| status != 201),
+    )
+    .await;
     own.cluster
         .restart(Durability::Fast)
         .expect("start postgres");
-    let outcomes = sender.await.expect("sender");
+    wait_for(
+        "a run acknowledged after the restart",
+        Duration::from_secs(30),
+        &mut answered_after(seen(), |status| status == 201),
+    )
+    .await;
+    done.store(true, Ordering::SeqCst);
+    sender.await.expect("sender");
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
     let db = TestDb::attach(&url).await;
     let acknowledged: Vec<uuid::Uuid> = outcomes.iter().filter_map(|(_, id)| *id).collect();
     let statuses: std::collections::BTreeSet<u16> = outcomes.iter().map(|(s, _)| *s).collect();
@@ -434,14 +489,12 @@ async fn paused_worker_late_completion_is_refused() {
     let mut owner = Proc::worker(&db.url, &FAST_LEASE);
     db.wait_all_terminal(Duration::from_secs(30)).await;
     owner.stop().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !target.seen.answered(run.id, 1) {
-        assert!(
-            Instant::now() < deadline,
-            "the target never answered attempt 1"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        "the target to answer attempt 1",
+        Duration::from_secs(10),
+        &mut || async { target.seen.answered(run.id, 1) },
+    )
+    .await;
     let before = written(&db, run.id).await;
     paused.signal(Signal::SIGCONT);
     let status = paused.stop().await;

@@ -12,7 +12,7 @@ use runq_shared::{Problem, Project, Scope, TenantId};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::support::{echo_run, token, TestApi, TestDb};
+use crate::support::{echo_run, token, wait_for, TestApi, TestDb};
 
 /// A token of `tenant` with `scopes` (bound to `project` for ingest): its
 /// plaintext and id.
@@ -856,14 +856,12 @@ async fn operator_bootstrap_and_tokens_exist_only_as_digests() {
         .expect("runq api");
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client.get(format!("{base}/health")).send().await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "runq api did not answer within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        "runq api to answer",
+        Duration::from_secs(20),
+        &mut || async { client.get(format!("{base}/health")).send().await.is_ok() },
+    )
+    .await;
     let created: Value = client
         .post(format!("{base}/v1/tokens"))
         .bearer_auth(&boot)
