@@ -24,6 +24,11 @@ async fn worker_recovers_when_its_connections_are_terminated() {
 
     let admin = db.new_pool(1);
     for _ in 0..3 {
+        let cut_at: f64 =
+            sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
+                .fetch_one(&admin)
+                .await
+                .expect("clock");
         let killed: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
              WHERE datname = current_database() AND pid <> pg_backend_pid()
@@ -34,11 +39,11 @@ async fn worker_recovers_when_its_connections_are_terminated() {
         .expect("terminate");
         assert!(!killed.is_empty(), "the worker had connections to cut");
         // The next cut needs connections to cut: wait until the worker has
-        // reconnected on its own.
+        // reconnected on its own. Nothing else here connects meanwhile.
         db.wait_for(
             "the worker to reconnect",
             Duration::from_secs(20),
-            || async { runq_connections(&admin).await > 0 },
+            || async { runq_connections_since(&admin, cut_at).await > 0 },
         )
         .await;
     }
@@ -50,12 +55,16 @@ async fn worker_recovers_when_its_connections_are_terminated() {
     check_invariants(&db).await;
 }
 
-/// How many connections `runq` processes hold on this test's database.
-async fn runq_connections(admin: &sqlx::PgPool) -> i64 {
+/// How many `runq` connections to this test's database, other than the
+/// asking one, were opened after `since` (seconds since the epoch).
+async fn runq_connections_since(admin: &sqlx::PgPool, since: f64) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'runq'",
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND application_name = 'runq'
+           AND extract(epoch FROM backend_start) > $1",
     )
+    .bind(since)
     .fetch_one(admin)
     .await
     .expect("count connections")
@@ -104,6 +113,9 @@ async fn postgres_restart_under_load_loses_no_acknowledged_run() {
     let tenant = db.tenant("acme").await;
     let token = token(&db, tenant).await;
     let mut worker = Proc::worker(&url, &[("RUNQ_CONCURRENCY", "5")]);
+    // The outage must find the worker busy, not still starting up (a worker
+    // that cannot migrate or register at start-up exits).
+    worker_id_of(&db, worker.child.id()).await;
 
     // Every answer so far, in order; the sender runs until `done`.
     let outcomes: Outcomes = Arc::default();
@@ -163,6 +175,12 @@ async fn postgres_restart_under_load_loses_no_acknowledged_run() {
         "runs acknowledged before the outage",
         Duration::from_secs(30),
         &mut answered_after(0, |status| status == 201),
+    )
+    .await;
+    db.wait_for(
+        "the worker to complete a run before the outage",
+        Duration::from_secs(30),
+        || async { db.count_status("succeeded").await > 0 },
     )
     .await;
     db.pool.close().await;
