@@ -18,8 +18,8 @@ use crate::support::process::Proc;
 use crate::support::proxy::Proxy;
 use crate::support::target::Target;
 use crate::support::{
-    check_invariants, echo_run, held_by, token, wait_for_value, worker_config, worker_id_of,
-    RunningWorker, TestApi, TestDb,
+    check_invariants, echo_run, held_by, outbox_types, status_and_attempt, token, wait_for_value,
+    worker_config, worker_id_of, RunningWorker, TestApi, TestDb,
 };
 
 /// Runs of `ids` that match `condition` (a predicate on `runs` aliased `r`),
@@ -404,12 +404,7 @@ async fn worker_cut_off_from_postgres_stops_before_its_lease_expires() {
             );
         }
     }
-    let (status, attempt): (String, i32) =
-        sqlx::query_as("SELECT status::text, attempt FROM runs WHERE id = $1")
-            .bind(run.id)
-            .fetch_one(&db.pool)
-            .await
-            .expect("run");
+    let (status, attempt) = status_and_attempt(&db, run.id).await;
     assert_eq!((status.as_str(), attempt), ("succeeded", 2));
     assert!(
         cut_off.alive(),
@@ -476,12 +471,7 @@ async fn rescued_run_with_a_cancel_request_ends_cancelled() {
             .fetch_one(&db.pool)
             .await
             .expect("run");
-    let events: Vec<String> =
-        sqlx::query_scalar("SELECT event_type FROM outbox WHERE run_id = $1 ORDER BY id")
-            .bind(run.id)
-            .fetch_all(&db.pool)
-            .await
-            .expect("outbox");
+    let events = outbox_types(&db, run.id).await;
     assert_eq!(
         events,
         vec!["run.created", "run.started", "run.cancelled"],

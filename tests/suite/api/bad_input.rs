@@ -278,12 +278,7 @@ async fn bad_run_bodies_get_problems_and_change_nothing() {
 #[tokio::test]
 async fn bad_paths_queries_and_transitions_get_problems() {
     let f = Fixture::new().await;
-    let run: Run = f
-        .post("/v1/runs", &run_body())
-        .await
-        .json()
-        .await
-        .expect("run");
+    let run: Run = f.create_run().await;
 
     // Each names the parameter as in the URL and what the spec expects.
     let bad_parameters = [

@@ -5,19 +5,27 @@ use reqwest::{Client, Response, StatusCode};
 use runq_shared::{CreatedRuns, EventPage, Problem, Run, RunDetail, RunPage, RunStatus};
 use serde_json::{json, Value};
 
-use crate::support::{token, TestApi, TestDb};
+use crate::support::http::Served;
+use crate::support::{outbox_types, token, TestApi, TestDb};
 
 mod bad_input;
 mod runs;
 mod service;
 mod spec;
 
+/// `acme`'s API over HTTP (`Served` under `Deref`), plus a token of a
+/// second tenant, `globex`.
 struct Fixture {
-    db: TestDb,
-    api: TestApi,
-    client: Client,
-    token: String,
+    served: Served,
     other_token: String,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Served;
+
+    fn deref(&self) -> &Served {
+        &self.served
+    }
 }
 
 impl Fixture {
@@ -27,37 +35,19 @@ impl Fixture {
         let other = db.tenant("globex").await;
         let token = token(&db, tenant).await;
         let other_token = token_for(&db, other).await;
-        let api = TestApi::start(db.pool.clone(), TestApi::config());
         Fixture {
-            db,
-            api,
-            client: Client::new(),
-            token,
+            served: Served::start(db, token),
             other_token,
         }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.api.base)
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Response {
-        self.client
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
+    /// Creates a run of `run_body()` and returns it.
+    async fn create_run(&self) -> Run {
+        self.post("/v1/runs", &run_body())
             .await
-            .expect("send")
-    }
-
-    async fn get(&self, path: &str) -> Response {
-        self.client
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
+            .json()
             .await
-            .expect("send")
+            .expect("run")
     }
 
     async fn runs_in_db(&self) -> i64 {

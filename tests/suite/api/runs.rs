@@ -72,12 +72,7 @@ async fn run_endpoints_happy_path() {
         .await
         .expect("run");
     assert_eq!((retried.status, retried.attempt), (RunStatus::Pending, 0));
-    let outbox: Vec<String> =
-        sqlx::query_scalar("SELECT event_type FROM outbox WHERE run_id = $1 ORDER BY id")
-            .bind(run.id)
-            .fetch_all(&f.db.pool)
-            .await
-            .expect("outbox");
+    let outbox = outbox_types(&f.db, run.id).await;
     assert_eq!(outbox, vec!["run.created", "run.cancelled", "run.requeued"]);
 }
 
@@ -87,12 +82,7 @@ async fn list_paginates_newest_first() {
     let f = Fixture::new().await;
     let mut created = Vec::new();
     for _ in 0..7 {
-        let run: Run = f
-            .post("/v1/runs", &run_body())
-            .await
-            .json()
-            .await
-            .expect("run");
+        let run: Run = f.create_run().await;
         created.push(run.id);
     }
     let mut seen = Vec::new();

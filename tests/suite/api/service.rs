@@ -7,12 +7,7 @@ use super::*;
 #[tokio::test]
 async fn auth_is_required_and_tenants_are_isolated() {
     let f = Fixture::new().await;
-    let run: Run = f
-        .post("/v1/runs", &run_body())
-        .await
-        .json()
-        .await
-        .expect("run");
+    let run: Run = f.create_run().await;
 
     let no_token = f
         .client

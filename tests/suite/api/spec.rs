@@ -21,12 +21,7 @@ async fn spec_bounds_are_the_server_bounds() {
     // Kinds at both length bounds are registered, so only length can refuse.
     config.step_kinds.extend(["k".to_owned(), long_kind]);
     let api = TestApi::start(f.db.pool.clone(), config);
-    let run: Run = f
-        .post("/v1/runs", &run_body())
-        .await
-        .json()
-        .await
-        .expect("run");
+    let run: Run = f.create_run().await;
     let spec: Value = serde_json::from_str(&runq_api::spec()).expect("spec parses");
     let schema =
         |name: &str, field: &str| spec["components"]["schemas"][name]["properties"][field].clone();

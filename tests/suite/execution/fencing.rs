@@ -18,31 +18,16 @@ async fn stale_worker_cannot_overwrite_new_owner() {
         )
         .await
         .remove(0);
-    let backoff = Backoff {
-        base_ms: 0.0,
-        max_ms: 0.0,
-    };
+    let backoff = NO_BACKOFF;
     let (stale, fresh) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
     let mut conn = db.pool.acquire().await.expect("connection");
-    let queues = vec!["default".to_owned()];
-    let first = runs::claim(&mut conn, stale, &queues, 1, 30_000)
-        .await
-        .expect("claim")
-        .remove(0);
+    let first = claim_one(&mut conn, stale).await;
 
     // The stale worker stalls past its lease; the rescuer hands the run on.
-    db.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second'")
-        .await;
-    let report = Rescuer::new(db.pool.clone(), backoff, 60_000)
-        .run_once()
-        .await
-        .expect("rescue");
+    let report = expire_leases_and_rescue(&db).await;
     assert_eq!(report.retried, 1);
     db.execute("UPDATE runs SET run_at = now()").await;
-    let second = runs::claim(&mut conn, fresh, &queues, 1, 30_000)
-        .await
-        .expect("claim")
-        .remove(0);
+    let second = claim_one(&mut conn, fresh).await;
     assert_eq!(second.lease.attempt, 2);
 
     let stale_lease = first.lease;
@@ -97,32 +82,17 @@ async fn write_from_a_runs_earlier_life_is_refused_after_a_retry() {
     let mut one_attempt = echo_run(json!({}));
     one_attempt.max_attempts = 1;
     let run = db.enqueue(tenant, vec![one_attempt]).await.remove(0);
-    let backoff = Backoff {
-        base_ms: 0.0,
-        max_ms: 0.0,
-    };
+    let backoff = NO_BACKOFF;
     let worker = uuid::Uuid::now_v7();
-    let queues = vec!["default".to_owned()];
     let mut conn = db.pool.acquire().await.expect("connection");
-    let earlier = runs::claim(&mut conn, worker, &queues, 1, 30_000)
-        .await
-        .expect("claim")
-        .remove(0);
+    let earlier = claim_one(&mut conn, worker).await;
     // The worker stalls; its lease expires and the run fails (one attempt).
-    db.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second'")
-        .await;
-    let report = Rescuer::new(db.pool.clone(), backoff, 60_000)
-        .run_once()
-        .await
-        .expect("rescue");
+    let report = expire_leases_and_rescue(&db).await;
     assert_eq!(report.failed, 1);
     let mut tx = db.pool.begin().await.expect("begin");
     runs::retry(&mut tx, tenant, run.id).await.expect("retry");
     tx.commit().await.expect("commit");
-    let later = runs::claim(&mut conn, worker, &queues, 1, 30_000)
-        .await
-        .expect("claim")
-        .remove(0);
+    let later = claim_one(&mut conn, worker).await;
     assert_eq!(
         later.lease.attempt, earlier.lease.attempt,
         "the user-visible attempt repeats after a retry"
@@ -184,10 +154,7 @@ async fn cancel_request_wins_over_retry_and_hand_back() {
     let runs = db
         .enqueue(tenant, vec![echo_run(json!({})), echo_run(json!({}))])
         .await;
-    let backoff = Backoff {
-        base_ms: 0.0,
-        max_ms: 0.0,
-    };
+    let backoff = NO_BACKOFF;
     let mut conn = db.pool.acquire().await.expect("connection");
     let claimed = runs::claim(
         &mut conn,

@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use runq_shared::db::outbox;
-use runq_shared::db::runs;
-use runq_shared::protocol::{Backoff, Checkpoint, CheckpointResult, Completion, Outcome};
+use runq_shared::db::runs::{self, RescueReport};
+use runq_shared::protocol::{
+    Backoff, Checkpoint, CheckpointResult, ClaimedRun, Completion, Outcome,
+};
 use runq_shared::{CreateRun, EventType, NewStep, RunStatus};
 use runq_worker::maintenance::Rescuer;
 use runq_worker::Worker;
@@ -18,6 +20,32 @@ mod claiming;
 mod enqueue;
 mod fencing;
 mod pipelines;
+
+/// Retry at once: these tests drive the rescuer and retries by hand.
+const NO_BACKOFF: Backoff = Backoff {
+    base_ms: 0.0,
+    max_ms: 0.0,
+};
+
+/// Claims one run of the default queue for `worker` (a 30 s lease) straight
+/// through the SQL layer, as a worker's claim loop would.
+async fn claim_one(conn: &mut sqlx::PgConnection, worker: uuid::Uuid) -> ClaimedRun {
+    runs::claim(conn, worker, &["default".to_owned()], 1, 30_000)
+        .await
+        .expect("claim")
+        .remove(0)
+}
+
+/// The holder stalls past its lease: every lease is expired and the rescuer
+/// runs once (no backoff), retrying or failing what it finds.
+async fn expire_leases_and_rescue(db: &TestDb) -> RescueReport {
+    db.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second'")
+        .await;
+    Rescuer::new(db.pool.clone(), NO_BACKOFF, 60_000)
+        .run_once()
+        .await
+        .expect("rescue")
+}
 
 async fn detail(db: &TestDb, id: uuid::Uuid) -> (runq_shared::Run, Vec<runq_shared::Step>) {
     let mut conn = db.pool.acquire().await.expect("connection");

@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 
 use crate::support::process::{free_port, Proc};
 use crate::support::target::Target;
-use crate::support::{check_invariants, held_by, poll, token, wait_for, worker_id_of, TestDb};
+use crate::support::{
+    check_invariants, held_by, outbox_types, poll, token, wait_for, worker_id_of, TestDb,
+};
 
 mod clock;
 mod long_steps;

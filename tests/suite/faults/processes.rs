@@ -246,12 +246,7 @@ async fn paused_worker_late_completion_is_refused() {
             .await
             .expect("events");
     assert_eq!(events, vec![(2, "http.response".to_owned())]);
-    let outbox: Vec<String> =
-        sqlx::query_scalar("SELECT event_type FROM outbox WHERE run_id = $1 ORDER BY id")
-            .bind(run.id)
-            .fetch_all(&db.pool)
-            .await
-            .expect("outbox");
+    let outbox = outbox_types(&db, run.id).await;
     assert_eq!(
         outbox,
         vec![

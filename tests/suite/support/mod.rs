@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod handlers;
+pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod target;
@@ -554,6 +555,24 @@ pub async fn worker_id_of(db: &TestDb, pid: u32) -> uuid::Uuid {
         },
     )
     .await
+}
+
+/// Run `id`'s status (as text) and attempt.
+pub async fn status_and_attempt(db: &TestDb, id: uuid::Uuid) -> (String, i32) {
+    sqlx::query_as("SELECT status::text, attempt FROM runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("run")
+}
+
+/// The event types of run `id`'s outbox rows, oldest first.
+pub async fn outbox_types(db: &TestDb, id: uuid::Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT event_type FROM outbox WHERE run_id = $1 ORDER BY id")
+        .bind(id)
+        .fetch_all(&db.pool)
+        .await
+        .expect("outbox")
 }
 
 /// How many runs worker `worker` holds (`running` under its lease).

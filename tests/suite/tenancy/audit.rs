@@ -8,9 +8,7 @@ use super::*;
 /// a cursor and filters by action.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projects_crud_and_the_audit_log_listing() {
-    let db = TestDb::new().await;
-    let api = TestApi::start(db.pool.clone(), TestApi::config());
-    let acme = db.tenant("acme").await;
+    let (db, api, acme) = acme_with_api().await;
     let admin = token(&db, acme).await;
     let mut ids = Vec::new();
     for name in ["one", "two"] {

@@ -27,9 +27,7 @@ async fn snapshot(db: &TestDb, tenant: TenantId) -> String {
 /// and naming its project in a run or an ingest token is a 404 too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_tenants_ids_answer_404_and_change_nothing() {
-    let db = TestDb::new().await;
-    let api = TestApi::start(db.pool.clone(), TestApi::config());
-    let acme = db.tenant("acme").await;
+    let (db, api, acme) = acme_with_api().await;
     let globex = db.tenant("globex").await;
     let acme_project = project(&db, acme, "shop", "dev").await;
     let mut create = echo_run(json!({ "x": 1 }));

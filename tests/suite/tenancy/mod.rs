@@ -19,6 +19,14 @@ mod isolation;
 mod projects;
 mod tokens;
 
+/// A fresh database with tenant `acme` and the API served on it.
+async fn acme_with_api() -> (TestDb, TestApi, TenantId) {
+    let db = TestDb::new().await;
+    let api = TestApi::start(db.pool.clone(), TestApi::config());
+    let acme = db.tenant("acme").await;
+    (db, api, acme)
+}
+
 /// A token of `tenant` with `scopes` (bound to `project` for ingest): its
 /// plaintext and id.
 async fn token_with(

@@ -10,9 +10,7 @@ use super::*;
 /// closes the gate again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prod_project_refuses_runs_until_three_confirmations_enable_it() {
-    let db = TestDb::new().await;
-    let api = TestApi::start(db.pool.clone(), TestApi::config());
-    let acme = db.tenant("acme").await;
+    let (db, api, acme) = acme_with_api().await;
     let (admin, admin_id) = token_with(&db, acme, &[Scope::Admin, Scope::Runs], None).await;
     let (status, created) = call(
         &api,

@@ -6,9 +6,7 @@ use super::*;
 /// problem document naming that scope, for each scope; with it, 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_without_the_needed_scope_gets_403_naming_it() {
-    let db = TestDb::new().await;
-    let api = TestApi::start(db.pool.clone(), TestApi::config());
-    let acme = db.tenant("acme").await;
+    let (db, api, acme) = acme_with_api().await;
     let shop = project(&db, acme, "shop", "dev").await;
     let (admin, _) = token_with(&db, acme, &[Scope::Admin], None).await;
     let (runs, _) = token_with(&db, acme, &[Scope::Runs], None).await;
@@ -60,9 +58,7 @@ async fn a_token_without_the_needed_scope_gets_403_naming_it() {
 /// issue and revocation are in the audit log, naming the acting token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_token_fails_on_its_next_request() {
-    let db = TestDb::new().await;
-    let api = TestApi::start(db.pool.clone(), TestApi::config());
-    let acme = db.tenant("acme").await;
+    let (db, api, acme) = acme_with_api().await;
     let (admin, admin_id) = token_with(&db, acme, &[Scope::Admin, Scope::Runs], None).await;
     let (status, created) = call(
         &api,
@@ -214,9 +210,7 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 /// lookup, which would show as an order of magnitude).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_and_revoked_tokens_answer_the_same_401_in_comparable_time() {
-    let db = TestDb::new().await;
-    let api = TestApi::start(db.pool.clone(), TestApi::config());
-    let acme = db.tenant("acme").await;
+    let (db, api, acme) = acme_with_api().await;
     let (revoked, revoked_id) = token_with(&db, acme, &[Scope::Runs], None).await;
     let mut conn = db.pool.acquire().await.expect("connection");
     db::tokens::revoke(&mut conn, Some(acme), revoked_id)
