@@ -3,12 +3,12 @@
 //! outright.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
 use crate::support::process::{free_port, Proc};
-use crate::support::skip_or_fail;
+use crate::support::{poll, skip_or_fail, wait_for};
 
 /// A directory of throwaway-cluster slots for one test; whatever server is
 /// left in it is stopped when the value is dropped (after the processes,
@@ -52,11 +52,12 @@ fn running(pid: i32) -> bool {
 
 /// Waits (at most 10 s) for process `pid` to be gone.
 async fn wait_gone(pid: i32, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while running(pid) {
-        assert!(Instant::now() < deadline, "{what} (pid {pid}) still runs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        &format!("{what} (pid {pid}) to be gone"),
+        Duration::from_secs(10),
+        &mut || async move { !running(pid) },
+    )
+    .await;
 }
 
 /// Starts `runq dev` forced onto a throwaway cluster in `slots`, listening
@@ -81,25 +82,25 @@ fn spawn_dev(slots: &Path) -> (Proc, u16) {
 /// `/ready`; panics with its log if it exits first.
 async fn wait_ready(proc: &mut Proc, port: u16) {
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let ready = poll(Duration::from_secs(60), || {
         assert!(proc.alive(), "runq dev exited: {}", proc.log_text());
-        let ready = client
+        let request = client
             .get(format!("http://127.0.0.1:{port}/ready"))
             .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .is_ok_and(|response| response.status().is_success());
-        if ready {
-            return;
+            .send();
+        async move {
+            request
+                .await
+                .is_ok_and(|response| response.status().is_success())
+                .then_some(())
         }
-        assert!(
-            Instant::now() < deadline,
-            "runq dev not ready within 60 s: {}",
-            proc.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "runq dev not ready within 60 s: {}",
+        proc.log_text()
+    );
 }
 
 /// Why these tests cannot run here, if they cannot.
@@ -238,19 +239,20 @@ async fn readme_first_example_succeeds_as_printed_on_a_fresh_dev() {
         child: command.spawn().expect("spawn runq dev"),
         log,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let printed = loop {
-        let stdout = std::fs::read_to_string(&out).unwrap_or_default();
-        if let Some(printed) = printed_commands(&stdout) {
-            break printed;
+    let printed = poll(Duration::from_secs(30), || {
+        let printed = printed_commands(&std::fs::read_to_string(&out).unwrap_or_default());
+        if printed.is_none() {
+            assert!(dev.alive(), "runq dev exited: {}", dev.log_text());
         }
-        assert!(dev.alive(), "runq dev exited: {}", dev.log_text());
-        assert!(
-            Instant::now() < deadline,
-            "runq dev printed no commands: {stdout}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        async move { printed }
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "runq dev printed no commands: {}",
+            std::fs::read_to_string(&out).unwrap_or_default()
+        )
+    });
     assert!(
         printed.starts_with("export RUNQ_URL=") && printed.contains("\nexport RUNQ_TOKEN="),
         "runq dev prints the variables the client reads: {printed}"

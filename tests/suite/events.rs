@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::support::handlers::{Count, Executions, FailOnce};
 use crate::support::target::Target;
-use crate::support::{token, worker_config, RunningWorker, TestApi, TestDb};
+use crate::support::{status_and_attempt, token, worker_config, RunningWorker, TestApi, TestDb};
 
 /// A run of `http` → `fail_once` → `count` records an `http.response` event
 /// on attempt 1 (step 0, checkpointed before the failure) and a `log` event
@@ -63,12 +63,7 @@ async fn run_events_are_listed_in_order_page_by_page() {
     let run: Run = response.json().await.expect("run");
     db.wait_all_terminal(Duration::from_secs(20)).await;
     worker.stop().await;
-    let (status, attempt): (String, i32) =
-        sqlx::query_as("SELECT status::text, attempt FROM runs WHERE id = $1")
-            .bind(run.id)
-            .fetch_one(&db.pool)
-            .await
-            .expect("run");
+    let (status, attempt) = status_and_attempt(&db, run.id).await;
     assert_eq!((status.as_str(), attempt), ("succeeded", 2));
 
     let mut events: Vec<Event> = Vec::new();

@@ -18,8 +18,8 @@ use crate::support::process::Proc;
 use crate::support::proxy::Proxy;
 use crate::support::target::Target;
 use crate::support::{
-    check_invariants, echo_run, held_by, token, worker_config, worker_id_of, RunningWorker,
-    TestApi, TestDb,
+    check_invariants, echo_run, held_by, outbox_types, status_and_attempt, token, wait_for_value,
+    worker_config, worker_id_of, RunningWorker, TestApi, TestDb,
 };
 
 /// Runs of `ids` that match `condition` (a predicate on `runs` aliased `r`),
@@ -343,30 +343,35 @@ async fn worker_cut_off_from_postgres_stops_before_its_lease_expires() {
     let cut_at = Instant::now();
     // The lease as Postgres last extended it: heartbeats committed before the
     // cut may still land just after it, so track it until it runs out.
-    let mut lease_deadline = cut_at;
-    loop {
-        let left_ms: Option<f64> = sqlx::query_scalar(
-            "SELECT (extract(epoch FROM lease_expires_at - now()) * 1000)::float8
+    let lease_deadline = std::cell::Cell::new(cut_at);
+    db.wait_for(
+        "the cut-off worker's lease to expire",
+        Duration::from_secs(20),
+        || async {
+            let left_ms: Option<f64> = sqlx::query_scalar(
+                "SELECT (extract(epoch FROM lease_expires_at - now()) * 1000)::float8
              FROM runs WHERE id = $1 AND status = 'running'",
-        )
-        .bind(run.id)
-        .fetch_optional(&db.pool)
-        .await
-        .expect("lease")
-        .flatten();
-        match left_ms {
-            Some(ms) if ms > 0.0 => {
-                lease_deadline =
-                    lease_deadline.max(Instant::now() + Duration::from_secs_f64(ms / 1_000.0));
+            )
+            .bind(run.id)
+            .fetch_optional(&db.pool)
+            .await
+            .expect("lease")
+            .flatten();
+            match left_ms {
+                Some(ms) if ms > 0.0 => {
+                    lease_deadline.set(
+                        lease_deadline
+                            .get()
+                            .max(Instant::now() + Duration::from_secs_f64(ms / 1_000.0)),
+                    );
+                    false
+                }
+                _ => true,
             }
-            _ => break,
-        }
-        assert!(
-            cut_at.elapsed() < Duration::from_secs(20),
-            "the cut-off worker's lease never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        },
+    )
+    .await;
+    let lease_deadline = lease_deadline.get();
 
     let mut survivor = Proc::worker(&db.url, &[("RUNQ_LEASE_MS", "3000")]);
     db.wait_all_terminal(Duration::from_secs(20)).await;
@@ -399,12 +404,7 @@ async fn worker_cut_off_from_postgres_stops_before_its_lease_expires() {
             );
         }
     }
-    let (status, attempt): (String, i32) =
-        sqlx::query_as("SELECT status::text, attempt FROM runs WHERE id = $1")
-            .bind(run.id)
-            .fetch_one(&db.pool)
-            .await
-            .expect("run");
+    let (status, attempt) = status_and_attempt(&db, run.id).await;
     assert_eq!((status.as_str(), attempt), ("succeeded", 2));
     assert!(
         cut_off.alive(),
@@ -471,12 +471,7 @@ async fn rescued_run_with_a_cancel_request_ends_cancelled() {
             .fetch_one(&db.pool)
             .await
             .expect("run");
-    let events: Vec<String> =
-        sqlx::query_scalar("SELECT event_type FROM outbox WHERE run_id = $1 ORDER BY id")
-            .bind(run.id)
-            .fetch_all(&db.pool)
-            .await
-            .expect("outbox");
+    let events = outbox_types(&db, run.id).await;
     assert_eq!(
         events,
         vec!["run.created", "run.started", "run.cancelled"],
@@ -530,17 +525,12 @@ async fn target_notices_an_abandoned_request() {
     let body: Value = reply.json().await.expect("a JSON answer");
     assert_eq!(body, json!({ "attempt": 2, "position": 0 }));
 
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let end = loop {
-        if let Some(end) = target.seen.end_of(abandoned.id, 1, 0) {
-            break end;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the abandoned request never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let end = wait_for_value(
+        "the abandoned request to end",
+        Duration::from_secs(2),
+        || async { target.seen.end_of(abandoned.id, 1, 0) },
+    )
+    .await;
     assert!(!end.answered, "{end:?}");
     assert!(
         end.at.saturating_duration_since(hung_up) < Duration::from_millis(500),

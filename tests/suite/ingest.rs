@@ -11,16 +11,23 @@ use runq_shared::{EventPage, IngestedEvents, Problem, RunId};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::support::http::Served;
 use crate::support::{echo_run, token, TestApi, TestDb};
 
+/// `acme`'s API over HTTP (`Served` under `Deref`) called with an `ingest`
+/// token of `acme`, bound to `project`.
 struct Fixture {
-    db: TestDb,
-    api: TestApi,
-    client: Client,
-    /// An `ingest` token of `acme`, bound to `project`.
-    token: String,
+    served: Served,
     token_id: Uuid,
     project: Uuid,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Served;
+
+    fn deref(&self) -> &Served {
+        &self.served
+    }
 }
 
 impl Fixture {
@@ -29,12 +36,8 @@ impl Fixture {
         let tenant = db.tenant("acme").await;
         let project = project(&db, tenant, "sidecars").await;
         let (token, token_id) = ingest_token(&db, tenant, project).await;
-        let api = TestApi::start(db.pool.clone(), TestApi::config());
         Fixture {
-            db,
-            api,
-            client: Client::new(),
-            token,
+            served: Served::start(db, token),
             token_id,
             project,
         }

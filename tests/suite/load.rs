@@ -9,7 +9,9 @@ use runq_worker::Worker;
 use serde_json::json;
 
 use crate::support::handlers::{Count, Double, Executions};
-use crate::support::{check_invariants, echo_run, worker_config, RunningWorker, TestDb};
+use crate::support::{
+    check_invariants, echo_run, holds_throughout, worker_config, RunningWorker, TestDb,
+};
 
 fn start_workers(
     db: &TestDb,
@@ -262,15 +264,15 @@ async fn worker_holds_at_most_its_capacity_while_its_writes_are_blocked() {
     .await;
     // Every executor has finished and handed its outcome over, so a worker
     // counting only busy slots would now claim the whole queue within
-    // milliseconds. Watch for a second that it does not.
-    for _ in 0..50 {
+    // milliseconds. Watch for a second (twenty claim polls) that it does not.
+    holds_throughout(Duration::from_secs(1), || async {
         let held = db.count_status("running").await;
         assert!(
             held <= capacity,
             "held {held} runs at once, capacity {capacity}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     blocker.commit().await.expect("release the lock");
 
     db.wait_for(

@@ -6,21 +6,13 @@ use runq_shared::{CreateRun, NewStep};
 use serde_json::json;
 
 use crate::support::process::Proc;
-use crate::support::TestDb;
+use crate::support::{status_and_attempt, TestDb};
 
 fn sleep_run(ms: u64) -> CreateRun {
     CreateRun::new(vec![
         NewStep::new("nap", "sleep", json!({ "ms": ms })),
         NewStep::new("after", "echo", json!({ "done": true })),
     ])
-}
-
-async fn status_and_attempt(db: &TestDb, id: uuid::Uuid) -> (String, i32) {
-    sqlx::query_as("SELECT status::text, attempt FROM runs WHERE id = $1")
-        .bind(id)
-        .fetch_one(&db.pool)
-        .await
-        .expect("run")
 }
 
 /// SIGTERM mid-run: the run finishes within the grace period, the process

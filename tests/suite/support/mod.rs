@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod handlers;
+pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod target;
@@ -256,7 +257,7 @@ impl TestDb {
             .expect("count")
     }
 
-    /// Polls `condition` every 20 ms until it holds; panics with `what` after `limit`.
+    /// Polls `condition` until it holds; panics with `what` after `limit`.
     pub async fn wait_for<F, Fut>(&self, what: &str, limit: Duration, mut condition: F)
     where
         F: FnMut() -> Fut,
@@ -309,23 +310,73 @@ impl Drop for TestDb {
     }
 }
 
-/// Polls `condition` every 20 ms until it holds; panics with `what` after `limit`.
+/// How long every poll in the suite waits before looking again. Tests wait
+/// for conditions, never for time: this is the one place they sleep.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// Polls `condition` every [`POLL_EVERY`] until it yields a value and returns
+/// it; `None` once `limit` has passed without one. For callers that handle a
+/// timeout themselves (killing a process, attaching its log).
+pub async fn poll<T, F, Fut>(limit: Duration, mut condition: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = condition().await {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls `condition` until it holds; panics with `what` after `limit`.
 pub async fn wait_for<F, Fut>(what: &str, limit: Duration, condition: &mut F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    wait_for_value(what, limit, || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    })
+    .await;
+}
+
+/// Polls `condition` until it yields a value and returns it; panics with
+/// `what` after `limit`.
+pub async fn wait_for_value<T, F, Fut>(what: &str, limit: Duration, condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    match poll(limit, condition).await {
+        Some(value) => value,
+        None => panic!("timed out after {limit:?} waiting for {what}"),
     }
+}
+
+/// Checks `invariant` (which asserts) at every poll for `window`: for a
+/// property that must hold *throughout* a stretch of activity, where there is
+/// no state to wait for, only an absence to watch.
+pub async fn holds_throughout<F, Fut>(window: Duration, mut invariant: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let watched = poll(window, || {
+        let check = invariant();
+        async move {
+            check.await;
+            None::<()>
+        }
+    })
+    .await;
+    debug_assert!(watched.is_none());
 }
 
 /// The variable that turns a skipped test into a failure. CI sets it so a
@@ -490,24 +541,38 @@ pub async fn check_invariants(db: &TestDb) {
 /// The id (`runs.locked_by`) of the worker process `pid` registered in `db`,
 /// waiting up to ten seconds for it to register.
 pub async fn worker_id_of(db: &TestDb, pid: u32) -> uuid::Uuid {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let id: Option<uuid::Uuid> = sqlx::query_scalar(
-            "SELECT id FROM workers WHERE pid = $1 ORDER BY started_at DESC LIMIT 1",
-        )
-        .bind(pid as i32)
-        .fetch_optional(&db.pool)
+    wait_for_value(
+        &format!("worker process {pid} to register"),
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar(
+                "SELECT id FROM workers WHERE pid = $1 ORDER BY started_at DESC LIMIT 1",
+            )
+            .bind(pid as i32)
+            .fetch_optional(&db.pool)
+            .await
+            .expect("workers")
+        },
+    )
+    .await
+}
+
+/// Run `id`'s status (as text) and attempt.
+pub async fn status_and_attempt(db: &TestDb, id: uuid::Uuid) -> (String, i32) {
+    sqlx::query_as("SELECT status::text, attempt FROM runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
         .await
-        .expect("workers");
-        if let Some(id) = id {
-            return id;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "worker process {pid} never registered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .expect("run")
+}
+
+/// The event types of run `id`'s outbox rows, oldest first.
+pub async fn outbox_types(db: &TestDb, id: uuid::Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT event_type FROM outbox WHERE run_id = $1 ORDER BY id")
+        .bind(id)
+        .fetch_all(&db.pool)
+        .await
+        .expect("outbox")
 }
 
 /// How many runs worker `worker` holds (`running` under its lease).

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -61,19 +61,21 @@ impl Proc {
 
     /// Waits for it to exit, at most `limit`; panics (after SIGKILL) otherwise.
     pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
+        let child = &mut self.child;
+        let exited = super::poll(limit, || {
+            let status = child.try_wait().expect("try_wait");
+            async move { status }
+        })
+        .await;
+        match exited {
+            Some(status) => status,
+            None => {
                 let _ = self.child.kill();
                 panic!(
                     "runq did not exit within {limit:?}; log: {}",
                     self.log_text()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
