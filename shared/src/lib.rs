@@ -17,6 +17,7 @@ pub mod db;
 pub mod model;
 pub mod protocol;
 pub mod quotas;
+pub mod signing;
 pub mod storable;
 pub mod tenancy;
 

@@ -19,6 +19,7 @@ pub mod runs;
 pub mod steps;
 pub mod tenants;
 pub mod tokens;
+pub mod webhooks;
 pub mod workers;
 
 /// The embedded migrations under `migrations/`.
@@ -81,6 +82,18 @@ pub enum DbError {
     /// No token with this id is visible to the tenant.
     #[error("token {0} not found")]
     TokenNotFound(uuid::Uuid),
+    /// No webhook subscription with this id is visible to the tenant.
+    #[error("webhook {0} not found")]
+    WebhookNotFound(uuid::Uuid),
+    /// The tenant has as many webhook subscriptions as it may.
+    #[error("a tenant may have at most {0} webhook subscriptions; delete one first")]
+    TooManyWebhooks(i64),
+    /// No delivery with this id belongs to the subscription.
+    #[error("delivery {0} not found")]
+    DeliveryNotFound(i64),
+    /// The delivery is being sent right now.
+    #[error("delivery {0} is being sent right now; redeliver it after this attempt ends")]
+    DeliveryInFlight(i64),
     /// No tenant has this name.
     #[error("tenant '{0}' not found")]
     TenantNotFound(String),

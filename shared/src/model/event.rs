@@ -82,6 +82,24 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Every event type, in the order of a run's life.
+    pub const ALL: [EventType; 9] = [
+        EventType::Created,
+        EventType::Started,
+        EventType::Succeeded,
+        EventType::Retrying,
+        EventType::Failed,
+        EventType::Cancelled,
+        EventType::Stopped,
+        EventType::Released,
+        EventType::Requeued,
+    ];
+
+    /// The event type named `name` (`run.created`, ...).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
     /// The name stored in `outbox.event_type` and the payload's `type`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -111,6 +129,54 @@ pub struct OutboxEvent {
     pub occurred_at: DateTime<Utc>,
     /// The run as the change left it.
     pub run: RunSnapshot,
+}
+
+/// Version of [`RunEvent`], the envelope webhooks and streams deliver. A
+/// change a consumer could trip over gets a new version; adding an optional
+/// field does not.
+pub const RUN_EVENT_VERSION: i32 = 1;
+
+/// A published state change of a run: the body of every webhook delivery,
+/// the `data` of every state-change event on the SSE streams, and the
+/// outbox row it was read from, with the row's stable id. One type for all
+/// of them (DESIGN.md, invariant 6); a contract test round-trips every
+/// topic through each.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct RunEvent {
+    /// Stable id of the event (`evt_` and its outbox position): the same on
+    /// every redelivery, on every webhook and on the streams. Deduplicate on it.
+    /// Webhook deliveries also send it as the `webhook-id` header.
+    pub id: String,
+    /// The envelope's version, 1.
+    pub version: i32,
+    /// Which state change; webhook topics filter on it.
+    #[oai(rename = "type")]
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    /// When the change committed (database clock).
+    pub occurred_at: DateTime<Utc>,
+    /// The run as the change left it.
+    pub run: RunSnapshot,
+}
+
+impl RunEvent {
+    /// The published form of outbox row `outbox_id` holding `event`.
+    pub fn from_outbox(outbox_id: i64, event: OutboxEvent) -> Self {
+        Self {
+            id: Self::id_of(outbox_id),
+            version: RUN_EVENT_VERSION,
+            event_type: event.event_type,
+            occurred_at: event.occurred_at,
+            run: event.run,
+        }
+    }
+
+    /// The event id of outbox row `outbox_id`.
+    pub fn id_of(outbox_id: i64) -> String {
+        format!("evt_{outbox_id}")
+    }
 }
 
 /// The part of a run an outbox event carries.

@@ -5,7 +5,7 @@
 //! By concern, each re-exported here: the status enums that mirror Postgres
 //! (`status.rs`), what clients submit (`submit.rs`), what they read back
 //! (`run.rs`), events, outbox events and the step envelope (`event.rs`),
-//! and sidecar ingest (`ingest.rs`).
+//! sidecar ingest (`ingest.rs`) and webhook subscriptions (`webhook.rs`).
 
 use poem_openapi::Object;
 use serde::{Deserialize, Serialize};
@@ -55,9 +55,11 @@ mod ingest;
 mod run;
 mod status;
 mod submit;
+mod webhook;
 
 pub use event::*;
 pub use ingest::*;
 pub use run::*;
 pub use status::*;
 pub use submit::*;
+pub use webhook::*;
