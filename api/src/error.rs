@@ -175,7 +175,11 @@ impl From<DbError> for ApiError {
             DbError::RunNotFound(_)
             | DbError::ProjectNotFound(_)
             | DbError::TokenNotFound(_)
-            | DbError::TenantNotFound(_) => ApiError::NotFound(err.to_string()),
+            | DbError::TenantNotFound(_)
+            | DbError::WebhookNotFound(_)
+            | DbError::DeliveryNotFound(_) => ApiError::NotFound(err.to_string()),
+            DbError::TooManyWebhooks(_) => ApiError::Forbidden(err.to_string()),
+            DbError::DeliveryInFlight(_) => ApiError::Conflict(err.to_string()),
             DbError::ProductionRefused { .. } => ApiError::Forbidden(err.to_string()),
             DbError::ProjectNameTaken(_)
             | DbError::WrongStatus { .. }

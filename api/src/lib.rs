@@ -16,6 +16,7 @@ pub mod quotas;
 pub mod runs;
 mod spec;
 pub mod tokens;
+pub mod webhooks;
 
 use poem::listener::TcpListener;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, Server};
@@ -33,6 +34,7 @@ use crate::projects::ProjectsApi;
 use crate::quotas::QuotasApi;
 use crate::runs::RunsApi;
 use crate::tokens::TokensApi;
+use crate::webhooks::WebhooksApi;
 
 /// A future that resolves when the server should stop.
 type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -79,6 +81,7 @@ type Apis = (
     TokensApi,
     AuditApi,
     QuotasApi,
+    WebhooksApi,
     HealthApi,
 );
 
@@ -95,6 +98,7 @@ fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<Apis, ()> {
     let tokens = TokensApi { pool: pool.clone() };
     let audit = AuditApi { pool: pool.clone() };
     let quotas = QuotasApi { pool: pool.clone() };
+    let webhooks = WebhooksApi { pool: pool.clone() };
     OpenApiService::new(
         (
             runs,
@@ -103,6 +107,7 @@ fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<Apis, ()> {
             tokens,
             audit,
             quotas,
+            webhooks,
             HealthApi { pool },
         ),
         "runq",

@@ -104,6 +104,69 @@ pub struct WorkerConfig {
     /// Most outcomes written by one completer transaction.
     #[arg(long, env = "RUNQ_COMPLETE_BATCH", default_value_t = 1_000)]
     pub complete_batch: usize,
+    /// The outbox relay and webhook deliveries.
+    #[command(flatten)]
+    pub relay: RelayConfig,
+}
+
+/// The outbox relay every worker runs: it fans new outbox rows out into
+/// webhook deliveries and sends them. Relays on many workers cooperate.
+#[derive(Args, Debug, Clone)]
+pub struct RelayConfig {
+    /// Whether this worker relays the outbox (`false` leaves it to others).
+    #[arg(
+        long = "relay",
+        env = "RUNQ_RELAY",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub enabled: bool,
+    /// Milliseconds between relay passes when nothing is due.
+    #[arg(long, env = "RUNQ_RELAY_POLL_MS", default_value_t = 100)]
+    pub relay_poll_ms: u64,
+    /// Webhook deliveries this worker sends at once.
+    #[arg(long, env = "RUNQ_RELAY_CONCURRENCY", default_value_t = 16)]
+    pub relay_concurrency: usize,
+    /// Deliveries of one subscription in flight at once across all relays,
+    /// so a receiver that hangs holds only this many senders.
+    #[arg(long, env = "RUNQ_WEBHOOK_IN_FLIGHT", default_value_t = 4)]
+    pub webhook_in_flight: i64,
+    /// Milliseconds a delivery attempt may take (connect, send, reply).
+    #[arg(long, env = "RUNQ_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub webhook_timeout_ms: u64,
+    /// Attempts of a delivery before it is dead.
+    #[arg(long, env = "RUNQ_WEBHOOK_MAX_ATTEMPTS", default_value_t = 10)]
+    pub webhook_max_attempts: i32,
+    /// Delay after a first failed attempt, in milliseconds; doubles per attempt.
+    #[arg(long, env = "RUNQ_WEBHOOK_RETRY_BASE_MS", default_value_t = 5_000)]
+    pub webhook_retry_base_ms: u64,
+    /// Longest delay between attempts, in milliseconds.
+    #[arg(long, env = "RUNQ_WEBHOOK_RETRY_MAX_MS", default_value_t = 3_600_000)]
+    pub webhook_retry_max_ms: u64,
+    /// Hours outbox rows are kept once the relay has passed them (streams
+    /// can resume with `Last-Event-ID` within this window).
+    #[arg(long, env = "RUNQ_OUTBOX_RETENTION_HOURS", default_value_t = 24.0)]
+    pub outbox_retention_hours: f64,
+    /// Hours delivered and dead deliveries stay visible through the API.
+    #[arg(long, env = "RUNQ_DELIVERY_RETENTION_HOURS", default_value_t = 168.0)]
+    pub delivery_retention_hours: f64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            relay_poll_ms: 100,
+            relay_concurrency: 16,
+            webhook_in_flight: 4,
+            webhook_timeout_ms: 10_000,
+            webhook_max_attempts: 10,
+            webhook_retry_base_ms: 5_000,
+            webhook_retry_max_ms: 3_600_000,
+            outbox_retention_hours: 24.0,
+            delivery_retention_hours: 168.0,
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -122,6 +185,7 @@ impl Default for WorkerConfig {
             complete_batch: 1_000,
             max_run_duration_minutes: 15.0,
             max_output_bytes: 1024 * 1024,
+            relay: RelayConfig::default(),
         }
     }
 }

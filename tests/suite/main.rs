@@ -20,3 +20,4 @@ mod properties;
 mod quotas;
 mod shutdown;
 mod tenancy;
+mod webhooks;

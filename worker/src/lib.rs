@@ -8,6 +8,7 @@
 //! - completer: writes checkpoints and outcomes in fenced batches, isolating
 //!   a write the database refuses.
 //! - [`maintenance`]: the lease rescuer, run by every worker.
+//! - [`relay`]: the outbox relay and webhook sender, run by every worker.
 #![warn(missing_docs)]
 
 mod claim_loop;
@@ -16,6 +17,8 @@ mod executor;
 pub mod handler;
 mod leases;
 pub mod maintenance;
+pub mod outbound;
+pub mod relay;
 mod services;
 mod worker;
 

@@ -27,6 +27,8 @@ use crate::executor::Context;
 use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
 use crate::maintenance::Rescuer;
+use crate::outbound::OutboundPolicy;
+use crate::relay::Relay;
 use crate::services::{guard_leases, heartbeat, lease_guard, listen};
 
 /// Errors that stop a worker.
@@ -249,6 +251,18 @@ impl Worker {
             )
             .run(Duration::from_millis(config.maintenance_ms), stop.clone()),
         );
+        if config.relay.enabled {
+            match Relay::new(
+                self.pool.clone(),
+                config.relay.clone(),
+                OutboundPolicy::default(),
+            ) {
+                Ok(relay) => {
+                    services.spawn(relay.run(stop.clone()));
+                }
+                Err(err) => tracing::error!(error = %err, "the outbox relay cannot start"),
+            }
+        }
         services
     }
 

@@ -29,6 +29,12 @@ pub const OVERRIDE_DISABLE: &str = "project.production_override.disable";
 pub const QUOTA_UPDATE: &str = "quota.update";
 /// Many runs were retried in one request.
 pub const RUNS_BULK_RETRY: &str = "runs.bulk_retry";
+/// A webhook subscription was created.
+pub const WEBHOOK_CREATE: &str = "webhook.create";
+/// A webhook subscription was changed.
+pub const WEBHOOK_UPDATE: &str = "webhook.update";
+/// A webhook subscription was deleted.
+pub const WEBHOOK_DELETE: &str = "webhook.delete";
 
 /// Who acted.
 #[derive(Debug, Clone, PartialEq, Eq)]

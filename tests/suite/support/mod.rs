@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod handlers;
 pub mod http;
+pub mod receiver;
 pub mod process;
 pub mod proxy;
 pub mod target;
