@@ -8,6 +8,8 @@
 //! - completer: writes checkpoints and outcomes in fenced batches, isolating
 //!   a write the database refuses.
 //! - [`maintenance`]: the lease rescuer, run by every worker.
+//! - [`outbound`]: which addresses outbound requests may reach (the SSRF
+//!   guard) and the HTTP client that enforces it.
 #![warn(missing_docs)]
 
 mod claim_loop;
@@ -16,6 +18,7 @@ mod executor;
 pub mod handler;
 mod leases;
 pub mod maintenance;
+pub mod outbound;
 mod services;
 mod worker;
 

@@ -27,6 +27,7 @@ use crate::executor::Context;
 use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
 use crate::maintenance::Rescuer;
+use crate::outbound::OutboundPolicy;
 use crate::services::{guard_leases, heartbeat, lease_guard, listen};
 
 /// Errors that stop a worker.
@@ -65,7 +66,10 @@ impl Worker {
     /// A worker with the built-in handlers and a fresh id.
     pub fn new(pool: PgPool, config: WorkerConfig) -> Self {
         let mut handlers = Handlers::builtin();
-        handlers.register(Http::new(config.max_output_bytes));
+        handlers.register(Http::new(
+            config.max_output_bytes,
+            OutboundPolicy::new(config.outbound_allow.iter().copied()),
+        ));
         Self {
             id: Uuid::now_v7(),
             pool,
@@ -207,8 +211,14 @@ impl Worker {
             config.concurrency as i32,
         )
         .await?;
+        let outbound_allow: Vec<String> = config
+            .outbound_allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         tracing::info!(worker.id = %self.id, queues = ?config.queues,
-            concurrency = config.concurrency, prefetch = config.prefetch, "worker started");
+            concurrency = config.concurrency, prefetch = config.prefetch,
+            outbound_allow = ?outbound_allow, "worker started");
         Ok(())
     }
 
