@@ -437,8 +437,13 @@ async fn dev(
     database: DatabaseArgs,
     throwaway: runq_devtools::postgres::ThrowawayArgs,
     api: ApiConfig,
-    worker: WorkerConfig,
+    mut worker: WorkerConfig,
 ) -> anyhow::Result<()> {
+    // A local setup calls local servers: unless told otherwise, `http` steps
+    // may reach loopback (never other internal addresses).
+    if worker.outbound_allow.is_empty() {
+        worker.outbound_allow = runq_worker::outbound::LOOPBACK.to_vec();
+    }
     // Before the cluster starts, so a signal during start-up still ends with
     // the cluster stopped (when `picked` is dropped).
     let shutdown = shutdown_signal()?;
@@ -468,6 +473,15 @@ async fn dev(
     println!("  database  {} ({})", redact(&picked.url), picked.source);
     println!("  api       http://{address}/v1");
     println!("  docs      http://{address}/docs");
+    println!(
+        "  outbound  internal addresses allowed: {} (RUNQ_OUTBOUND_ALLOW)",
+        worker
+            .outbound_allow
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
     println!("paste into another shell, in this repository:");
     println!("export RUNQ_URL=http://{address}");

@@ -225,15 +225,8 @@ impl WebhooksApi {
         let limit = i64::from(limit.0.unwrap_or(50));
         let mut conn = self.pool.acquire().await?;
         Ok(Json(
-            webhooks::list_deliveries(
-                &mut conn,
-                auth.0.tenant_id,
-                id.0,
-                state.0,
-                before.0,
-                limit,
-            )
-            .await?,
+            webhooks::list_deliveries(&mut conn, auth.0.tenant_id, id.0, state.0, before.0, limit)
+                .await?,
         ))
     }
 

@@ -107,6 +107,22 @@ pub struct WorkerConfig {
     /// The outbox relay and webhook deliveries.
     #[command(flatten)]
     pub relay: RelayConfig,
+    /// Internal networks that `http` steps (and webhook deliveries) may
+    /// reach, as CIDRs (`10.1.0.0/16`, `::1/128`; a bare address stands for
+    /// itself), comma separated. Loopback, private, link-local (cloud
+    /// metadata included) and other non-public addresses are refused unless
+    /// listed here. Empty: none is reachable (`runq dev` allows loopback
+    /// when this is empty).
+    // The fully qualified `Vec` makes clap parse the whole value in one go,
+    // so an empty value is an empty list rather than an invalid entry.
+    #[arg(
+        long,
+        env = "RUNQ_OUTBOUND_ALLOW",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = parse_networks
+    )]
+    pub outbound_allow: ::std::vec::Vec<ipnet::IpNet>,
 }
 
 /// The outbox relay every worker runs: it fans new outbox rows out into
@@ -169,6 +185,29 @@ impl Default for RelayConfig {
     }
 }
 
+/// Parses a comma-separated list of networks (the allow-list): each entry
+/// a CIDR network, or a bare address meaning that address alone (`/32` or
+/// `/128`). Blank entries are skipped, so an empty value is an empty list.
+///
+/// # Errors
+///
+/// An entry is neither; the message names it.
+pub fn parse_networks(list: &str) -> Result<Vec<ipnet::IpNet>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry
+                .parse::<ipnet::IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    format!("'{entry}' is not a CIDR network (such as 10.0.0.0/8 or ::1/128)")
+                })
+        })
+        .collect()
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
@@ -186,6 +225,7 @@ impl Default for WorkerConfig {
             max_run_duration_minutes: 15.0,
             max_output_bytes: 1024 * 1024,
             relay: RelayConfig::default(),
+            outbound_allow: Vec::new(),
         }
     }
 }
@@ -209,5 +249,32 @@ impl QuotaArgs {
     /// [`crate::quotas::set_default_plan`]).
     pub fn apply(&self) {
         crate::quotas::set_default_plan(self.default_plan);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Allow-list entries are CIDRs or bare addresses, comma separated;
+    /// blank entries are skipped and anything else is refused with a
+    /// message naming it.
+    #[test]
+    fn outbound_allow_parses_as_a_list_of_networks() {
+        let list = |s: &str| {
+            parse_networks(s).map(|nets| nets.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            list("127.0.0.0/8, ::1/128"),
+            Ok(vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()])
+        );
+        assert_eq!(list("10.1.2.3"), Ok(vec!["10.1.2.3/32".to_owned()]));
+        assert_eq!(list("10.1.2.3/16"), Ok(vec!["10.1.0.0/16".to_owned()]));
+        assert_eq!(list("fd00::1,"), Ok(vec!["fd00::1/128".to_owned()]));
+        assert_eq!(list(""), Ok(vec![]));
+        assert_eq!(list(" , "), Ok(vec![]));
+        let refused = list("10.0.0.0/8,10.0.0.0/33").expect_err("prefix too long");
+        assert!(refused.contains("'10.0.0.0/33'"), "{refused}");
+        assert!(list("localhost").is_err());
     }
 }

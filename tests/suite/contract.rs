@@ -92,6 +92,7 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             "CreateRun",
             "CreateRuns",
             "CreateToken",
+            "CreateWebhook",
             "EnableProductionOverride",
             "IngestEvent",
             "IngestEvents",
@@ -99,7 +100,8 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             "QuotaOverrides",
             "RetryRuns",
             "TenantQuotas",
-            "UpdateProject"
+            "UpdateProject",
+            "UpdateWebhook"
         ]
     );
     for (name, refused) in [
@@ -110,6 +112,8 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             refuses::<runq_shared::EnableProductionOverride>(),
         ),
         ("UpdateProject", refuses::<runq_shared::UpdateProject>()),
+        ("CreateWebhook", refuses::<runq_shared::CreateWebhook>()),
+        ("UpdateWebhook", refuses::<runq_shared::UpdateWebhook>()),
         ("CreateRun", refuses::<CreateRun>()),
         ("CreateRuns", refuses::<runq_shared::CreateRuns>()),
         ("IngestEvent", refuses::<runq_shared::IngestEvent>()),

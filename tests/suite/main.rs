@@ -16,6 +16,7 @@ mod hardening;
 mod ingest;
 mod isolation;
 mod load;
+mod outbound;
 mod properties;
 mod quotas;
 mod shutdown;

@@ -351,7 +351,7 @@ async fn run_step(
         .catch_unwind()
         .map(|result| match result {
             Ok(Ok(output)) => Ok(output),
-            Ok(Err(err)) => Err(RunError::new(ErrorReason::StepFailed, err.message, None)),
+            Ok(Err(err)) => Err(RunError::new(err.reason(), err.message, None)),
             Err(panic) => Err(RunError::new(
                 ErrorReason::StepFailed,
                 format!(

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use runq_shared::{NewEvent, StepInput};
+use runq_shared::{ErrorReason, NewEvent, StepInput};
 use serde_json::{json, Map, Value};
+
+use crate::outbound::{self, BodyError, OutboundError, OutboundPolicy};
 
 /// Why a step failed. The run is retried after a backoff while attempts remain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,14 +18,32 @@ use serde_json::{json, Map, Value};
 pub struct StepError {
     /// What went wrong, recorded in the step's and the run's `error`.
     pub message: String,
+    /// The machine-readable cause recorded with it.
+    reason: ErrorReason,
 }
 
 impl StepError {
-    /// A failure with `message`.
+    /// A failure with `message` (reason `step_failed`).
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
+            reason: ErrorReason::StepFailed,
         }
+    }
+
+    /// A request the worker's outbound policy refused (reason
+    /// `outbound_refused`; see [`crate::outbound`]), for handlers that make
+    /// requests through [`crate::outbound::client`].
+    pub fn outbound_refused(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            reason: ErrorReason::OutboundRefused,
+        }
+    }
+
+    /// The reason recorded with the failure.
+    pub fn reason(&self) -> ErrorReason {
+        self.reason
     }
 }
 
@@ -96,8 +116,17 @@ impl Handlers {
 /// The reply's status and body become the output and an `http.response`
 /// event; a reply outside 2xx fails the step, and so does a reply body larger
 /// than the handler's cap (read no further than the cap).
+///
+/// Requests go through [`outbound::client`]: a URL (or a redirect) that
+/// leads to a loopback, private, link-local or other internal address the
+/// [`OutboundPolicy`] does not allow fails the step with reason
+/// `outbound_refused` before anything is sent. Like every failure, it is
+/// retried while attempts remain (the allow-list may change meanwhile).
 pub struct Http {
-    client: reqwest::Client,
+    /// The guarded client, or why it could not be built (then every step
+    /// fails saying so: there is no unguarded fallback).
+    client: Result<reqwest::Client, String>,
+    policy: OutboundPolicy,
     max_reply_bytes: usize,
 }
 
@@ -105,27 +134,43 @@ pub struct Http {
 pub const HTTP_DEFAULT_MAX_REPLY_BYTES: usize = 1024 * 1024;
 
 impl Http {
-    /// An `http` handler that fails a step whose reply body exceeds
-    /// `max_reply_bytes`.
-    pub fn new(max_reply_bytes: usize) -> Self {
+    /// An `http` handler that reaches what `policy` allows and fails a step
+    /// whose reply body exceeds `max_reply_bytes`.
+    pub fn new(max_reply_bytes: usize, policy: OutboundPolicy) -> Self {
+        let client = outbound::client(&policy, HTTP_DEFAULT_TIMEOUT).map_err(|err| {
+            tracing::error!(error = %err, "the http step kind cannot work");
+            err.to_string()
+        });
         Self {
-            client: reqwest::Client::builder()
-                .user_agent(concat!("runq/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .unwrap_or_default(),
+            client,
+            policy,
             max_reply_bytes,
         }
     }
 }
 
 impl Default for Http {
+    /// The default reply cap; no internal address allowed.
     fn default() -> Self {
-        Self::new(HTTP_DEFAULT_MAX_REPLY_BYTES)
+        Self::new(HTTP_DEFAULT_MAX_REPLY_BYTES, OutboundPolicy::default())
     }
 }
 
 /// Timeout of an `http` step's request unless `input.timeout_ms` says otherwise.
 const HTTP_DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The step error for a failed request to `url`: `outbound_refused` when
+/// the outbound policy refused it (the message names the host refused,
+/// which after a redirect is not `url`'s), else a plain failure.
+fn request_failed(url: &str, err: &reqwest::Error) -> StepError {
+    match OutboundError::find(err) {
+        Some(cause) if cause.is_refusal() => {
+            StepError::outbound_refused(format!("POST {url}: {cause}"))
+        }
+        Some(cause) => StepError::new(format!("POST {url}: {cause}")),
+        None => StepError::new(format!("POST {url}: {err}")),
+    }
+}
 
 #[async_trait]
 impl Handler for Http {
@@ -144,43 +189,37 @@ impl Handler for Http {
                 "input.url '{url}' must start with http:// or https://"
             )));
         }
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|err| StepError::new(format!("input.url '{url}' is not a URL: {err}")))?;
+        outbound::check_url(&self.policy, &parsed)
+            .map_err(|err| StepError::outbound_refused(format!("POST {url}: {err}")))?;
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|err| StepError::new(err.clone()))?;
         let timeout = step
             .input
             .get("timeout_ms")
             .and_then(Value::as_u64)
             .map_or(HTTP_DEFAULT_TIMEOUT, Duration::from_millis);
-        let reply = self
-            .client
-            .post(url)
+        let reply = client
+            .post(parsed)
             .timeout(timeout)
             .json(step)
             .send()
             .await
-            .map_err(|err| StepError::new(format!("POST {url}: {err}")))?;
+            .map_err(|err| request_failed(url, &err))?;
         let status = reply.status().as_u16();
-        let too_large = |size: u64| {
-            StepError::new(format!(
-                "the reply of {url} has {size} bytes or more, over the cap of {} (RUNQ_MAX_OUTPUT_BYTES)",
-                self.max_reply_bytes
-            ))
-        };
-        if let Some(length) = reply.content_length() {
-            if length > self.max_reply_bytes as u64 {
-                return Err(too_large(length));
-            }
-        }
-        let mut bytes = Vec::new();
-        let mut reply = reply;
-        while let Some(chunk) = reply
-            .chunk()
+        let bytes = outbound::read_capped(reply, self.max_reply_bytes)
             .await
-            .map_err(|err| StepError::new(format!("reading the reply of {url}: {err}")))?
-        {
-            if bytes.len() + chunk.len() > self.max_reply_bytes {
-                return Err(too_large((bytes.len() + chunk.len()) as u64));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+            .map_err(|err| match err {
+                BodyError::TooLarge { size, cap } => StepError::new(format!(
+                    "the reply of {url} has {size} bytes or more, over the cap of {cap} (RUNQ_MAX_OUTPUT_BYTES)"
+                )),
+                BodyError::Read(err) => {
+                    StepError::new(format!("reading the reply of {url}: {err}"))
+                }
+            })?;
         let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         let output = json!({ "status": status, "body": body });

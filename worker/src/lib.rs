@@ -9,6 +9,8 @@
 //!   a write the database refuses.
 //! - [`maintenance`]: the lease rescuer, run by every worker.
 //! - [`relay`]: the outbox relay and webhook sender, run by every worker.
+//! - [`outbound`]: which addresses outbound requests may reach (the SSRF
+//!   guard) and the HTTP client that enforces it.
 #![warn(missing_docs)]
 
 mod claim_loop;

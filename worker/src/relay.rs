@@ -8,11 +8,13 @@
 //! relay killed mid-send loses nothing: its deliveries are taken again when
 //! their leases end, and receivers see the same `webhook-id` twice at worst.
 //!
+//! Redirects are followed (up to [`outbound::MAX_REDIRECTS`]), each hop
+//! judged by the outbound policy like the first address.
+//!
 //! Sends run as their own tasks, at most `relay_concurrency` per worker and
 //! `webhook_in_flight` per subscription across the fleet, each bounded by
 //! `webhook_timeout_ms`: a receiver that hangs delays only its own deliveries.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -25,7 +27,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::outbound::{self, OutboundPolicy};
+use crate::outbound::{self, BodyError, OutboundPolicy};
 
 /// Outbox rows one fan-out transaction moves past.
 const FAN_OUT_BATCH: i64 = 1_000;
@@ -80,7 +82,7 @@ impl DeliveryReport {
 pub struct Relay {
     pool: PgPool,
     config: RelayConfig,
-    policy: Arc<OutboundPolicy>,
+    policy: OutboundPolicy,
     client: reqwest::Client,
 }
 
@@ -95,7 +97,6 @@ impl Relay {
         config: RelayConfig,
         policy: OutboundPolicy,
     ) -> Result<Self, RelayError> {
-        let policy = Arc::new(policy);
         let client = outbound::client(&policy, Duration::from_millis(config.webhook_timeout_ms))?;
         Ok(Self {
             pool,
@@ -180,16 +181,19 @@ impl Relay {
     /// The POST of one attempt: `Ok(status)` for a 2xx reply, else the
     /// status (if a reply came) and why the attempt failed.
     async fn post(&self, claimed: &Claimed) -> Result<i32, (Option<i32>, String)> {
-        let event: OutboxEvent = serde_json::from_value(claimed.payload.clone()).map_err(|err| {
-            (
-                None,
-                format!("the outbox payload does not match the event contract: {err}"),
-            )
-        })?;
+        let event: OutboxEvent =
+            serde_json::from_value(claimed.payload.clone()).map_err(|err| {
+                (
+                    None,
+                    format!("the outbox payload does not match the event contract: {err}"),
+                )
+            })?;
         let event = RunEvent::from_outbox(claimed.event_id, event);
         let body = serde_json::to_vec(&event)
             .map_err(|err| (None, format!("the event does not serialise: {err}")))?;
-        let url = outbound::check_url(&self.policy, &claimed.url).map_err(|err| (None, err.to_string()))?;
+        let url = reqwest::Url::parse(&claimed.url)
+            .map_err(|err| (None, format!("url '{}' does not parse: {err}", claimed.url)))?;
+        outbound::check_url(&self.policy, &url).map_err(|err| (None, err.to_string()))?;
         let timestamp = Utc::now().timestamp();
         let signature = signing::sign(&claimed.secret, &event.id, timestamp, &body)
             .map_err(|err| (None, err.to_string()))?;
@@ -214,25 +218,18 @@ impl Relay {
                 .to_owned();
             return Err((
                 Some(status),
-                format!("answered {status}, a redirect to '{to}': redirects are not followed"),
+                format!("answered {status}, a redirect to '{to}' that was not followed"),
             ));
         }
-        let mut reply = reply;
-        let mut read = 0usize;
-        loop {
-            match reply.chunk().await {
-                Ok(Some(chunk)) => {
-                    read += chunk.len();
-                    if read > MAX_REPLY_BYTES {
-                        return Err((
-                            Some(status),
-                            format!("the reply body exceeds {MAX_REPLY_BYTES} bytes"),
-                        ));
-                    }
-                }
-                Ok(None) => break,
-                Err(err) => return Err((Some(status), describe(&err))),
+        match outbound::read_capped(reply, MAX_REPLY_BYTES).await {
+            Ok(_) => {}
+            Err(BodyError::TooLarge { .. }) => {
+                return Err((
+                    Some(status),
+                    format!("answered {status} with a reply body over {MAX_REPLY_BYTES} bytes"),
+                ))
             }
+            Err(BodyError::Read(err)) => return Err((Some(status), describe(&err))),
         }
         if (200..300).contains(&status) {
             Ok(status)

@@ -67,7 +67,10 @@ impl Worker {
     /// A worker with the built-in handlers and a fresh id.
     pub fn new(pool: PgPool, config: WorkerConfig) -> Self {
         let mut handlers = Handlers::builtin();
-        handlers.register(Http::new(config.max_output_bytes));
+        handlers.register(Http::new(
+            config.max_output_bytes,
+            OutboundPolicy::new(config.outbound_allow.iter().copied()),
+        ));
         Self {
             id: Uuid::now_v7(),
             pool,
@@ -209,8 +212,14 @@ impl Worker {
             config.concurrency as i32,
         )
         .await?;
+        let outbound_allow: Vec<String> = config
+            .outbound_allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         tracing::info!(worker.id = %self.id, queues = ?config.queues,
-            concurrency = config.concurrency, prefetch = config.prefetch, "worker started");
+            concurrency = config.concurrency, prefetch = config.prefetch,
+            outbound_allow = ?outbound_allow, "worker started");
         Ok(())
     }
 
@@ -255,7 +264,7 @@ impl Worker {
             match Relay::new(
                 self.pool.clone(),
                 config.relay.clone(),
-                OutboundPolicy::default(),
+                OutboundPolicy::new(config.outbound_allow.iter().copied()),
             ) {
                 Ok(relay) => {
                     services.spawn(relay.run(stop.clone()));

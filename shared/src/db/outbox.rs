@@ -46,7 +46,9 @@ impl fmt::Display for Cursor {
 
 /// A cursor that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("'{0}' is not an event stream position (expected '<txid>-<id>', two non-negative integers)")]
+#[error(
+    "'{0}' is not an event stream position (expected '<txid>-<id>', two non-negative integers)"
+)]
 pub struct BadCursor(pub String);
 
 impl FromStr for Cursor {

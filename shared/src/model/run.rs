@@ -69,6 +69,11 @@ pub enum ErrorReason {
     WriteRefused,
     /// The worker's executor crashed while running the attempt.
     ExecutorPanicked,
+    /// A step's outbound request was refused before it was sent: its URL
+    /// (or a redirect) leads to a loopback, private, link-local or other
+    /// internal address that the worker's `RUNQ_OUTBOUND_ALLOW` does not
+    /// list. The message names the host and the address.
+    OutboundRefused,
 }
 
 /// One attempt that ended without success, in a run's history (`errors`).

@@ -49,10 +49,14 @@ pub struct CreatedWebhook {
 #[oai(deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
-    /// An `http` or `https` URL, up to 2,048 bytes. Workers refuse to deliver
-    /// to private, loopback, link-local and metadata addresses unless their
-    /// outbound allow-list permits them.
-    #[oai(validator(min_length = 1, max_length = 2048))]
+    /// An `http` or `https` URL with a host name or an IPv4 address, an
+    /// optional port and printable ASCII after it, up to 2,048 bytes.
+    /// Workers refuse to deliver to private, loopback, link-local and
+    /// metadata addresses unless their outbound allow-list permits them.
+    #[oai(validator(
+        max_length = 2048,
+        pattern = "^https?://(([A-Za-z0-9-]+\\.)*[A-Za-z][A-Za-z0-9-]*|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:[0-9]{1,4})?([/?#][!-~]*)?$"
+    ))]
     pub url: String,
     /// The event types to deliver (up to 9, no repeats); absent or empty:
     /// every type.
@@ -74,11 +78,14 @@ pub struct CreateWebhook {
 #[oai(deny_unknown_fields)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateWebhook {
-    /// A new URL (`http` or `https`, up to 2,048 bytes).
+    /// A new URL (as in `CreateWebhook.url`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(
         skip_serializing_if_is_none,
-        validator(min_length = 1, max_length = 2048)
+        validator(
+            max_length = 2048,
+            pattern = "^https?://(([A-Za-z0-9-]+\\.)*[A-Za-z][A-Za-z0-9-]*|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:[0-9]{1,4})?([/?#][!-~]*)?$"
+        )
     )]
     pub url: Option<String>,
     /// New topics (empty: every type).
@@ -103,9 +110,7 @@ pub struct WebhookList {
 }
 
 /// Where a delivery stands.
-#[derive(
-    Enum, sqlx::Type, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash,
-)]
+#[derive(Enum, sqlx::Type, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[sqlx(type_name = "delivery_state", rename_all = "snake_case")]
 #[serde(rename_all = "snake_case")]
 #[oai(rename_all = "snake_case")]

@@ -97,3 +97,56 @@ async fn enqueue_many_is_complete_and_idempotent() {
         "ids follow input order (FIFO within a batch)"
     );
 }
+
+/// Regression for the seed system, which lost 43 jobs: they sat unclaimed
+/// because their outbox row was missing and no notification came. Every
+/// run, however it was inserted, has its `run.created` row; and a pending
+/// run that no notification announces (a delayed run coming due) is claimed
+/// by an idle worker within its poll interval.
+#[tokio::test]
+async fn no_run_lacks_its_created_row_and_idle_workers_claim_unannounced_runs() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let poll_ms = 300;
+    let config = runq_shared::config::WorkerConfig {
+        poll_interval_ms: poll_ms,
+        ..crate::support::worker_config(4)
+    };
+    let worker = crate::support::RunningWorker::start(Worker::new(db.pool.clone(), config));
+    let mut tx = db.pool.begin().await.expect("begin");
+    runq_shared::enqueue(
+        &mut tx,
+        runq_shared::NewRun::new(tenant, vec![NewStep::new("e", "echo", json!({}))]),
+    )
+    .await
+    .expect("enqueue");
+    tx.commit().await.expect("commit");
+    // Due 500 ms from now: its notification comes while it is not yet due,
+    // so only the poll can find it.
+    let mut delayed = echo_run(json!({}));
+    delayed.run_at = Some(chrono::Utc::now() + chrono::Duration::milliseconds(500));
+    let mut batch = vec![delayed];
+    batch.extend((0..20).map(|i| echo_run(json!({ "i": i }))));
+    db.enqueue(tenant, batch).await;
+    db.wait_all_terminal(Duration::from_secs(20)).await;
+    worker.stop().await;
+
+    let orphans: i64 = db
+        .scalar(
+            "SELECT count(*) FROM runs r WHERE NOT EXISTS (
+                 SELECT 1 FROM outbox o WHERE o.run_id = r.id AND o.event_type = 'run.created')",
+        )
+        .await;
+    assert_eq!(orphans, 0, "runs without their run.created row");
+    let waited_ms: f64 = db
+        .scalar(
+            "SELECT max(extract(epoch FROM started_at - run_at) * 1000)::float8
+             FROM runs WHERE started_at IS NOT NULL",
+        )
+        .await;
+    // One poll interval, plus slack for a loaded machine's scheduling.
+    assert!(
+        waited_ms < (poll_ms + 700) as f64,
+        "a due run waited {waited_ms} ms for an idle worker polling every {poll_ms} ms"
+    );
+}

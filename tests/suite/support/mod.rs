@@ -28,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 pub mod handlers;
 pub mod http;
-pub mod receiver;
 pub mod process;
 pub mod proxy;
+pub mod receiver;
 pub mod target;
 
 /// Where the test server is: an admin URL (database `postgres` or the one
@@ -398,7 +398,9 @@ pub fn skip_or_fail(why: &str) {
     eprintln!("skipped: {why} (set {STRICT_VAR}=1 to fail instead)");
 }
 
-/// Worker settings for tests: quick polls, quick retries, short grace.
+/// Worker settings for tests: quick polls, quick retries, short grace, and
+/// loopback allow-listed, as `http` steps call servers the test runs on
+/// this host (the default refuses them).
 pub fn worker_config(concurrency: usize) -> WorkerConfig {
     WorkerConfig {
         concurrency,
@@ -409,6 +411,7 @@ pub fn worker_config(concurrency: usize) -> WorkerConfig {
         maintenance_ms: 100,
         heartbeat_ms: 200,
         shutdown_grace_ms: 5_000,
+        outbound_allow: runq_worker::outbound::LOOPBACK.to_vec(),
         ..WorkerConfig::default()
     }
 }

@@ -7,6 +7,10 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// `RUNQ_OUTBOUND_ALLOW` of every process: loopback, so `http` steps reach
+/// the servers a test runs on this host (a worker refuses them by default).
+pub const LOOPBACK_ALLOW: &str = "127.0.0.0/8,::1/128";
+
 /// A `runq` child process, killed when dropped.
 pub struct Proc {
     pub child: Child,
@@ -15,7 +19,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `runq <args>` against `database_url` with `env`, logging to a file.
+    /// Starts `runq <args>` against `database_url` with `env` (which
+    /// overrides the test settings), logging to a file.
     pub fn spawn(args: &[&str], database_url: &str, env: &[(&str, &str)]) -> Self {
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "runq-{}-{}.log",
@@ -32,6 +37,7 @@ impl Proc {
             .env("RUNQ_HEARTBEAT_MS", "200")
             .env("RUNQ_RETRY_BASE_MS", "10")
             .env("RUNQ_RETRY_MAX_MS", "50")
+            .env("RUNQ_OUTBOUND_ALLOW", LOOPBACK_ALLOW)
             .env("RUST_LOG", "info,sqlx=warn")
             .stdout(Stdio::null())
             .stderr(file);

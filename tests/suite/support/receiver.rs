@@ -22,6 +22,8 @@ pub struct Received {
     pub error: Option<String>,
     /// What the receiver answered (`None`: it hung).
     pub status: Option<u16>,
+    /// When it arrived (receiver clock, seconds).
+    pub at: f64,
 }
 
 /// The receiver process.

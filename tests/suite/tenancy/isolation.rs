@@ -13,7 +13,10 @@ async fn snapshot(db: &TestDb, tenant: TenantId) -> String {
             (SELECT string_agg(p::text, ',' ORDER BY p.id) FROM projects p WHERE tenant_id = $1),
             (SELECT string_agg(t::text, ',' ORDER BY t.id) FROM api_tokens t WHERE tenant_id = $1),
             (SELECT string_agg(a::text, ',' ORDER BY a.id) FROM audit_log a WHERE tenant_id = $1),
-            (SELECT string_agg(o::text, ',' ORDER BY o.id) FROM outbox o WHERE tenant_id = $1))",
+            (SELECT string_agg(o::text, ',' ORDER BY o.id) FROM outbox o WHERE tenant_id = $1),
+            (SELECT string_agg(w::text, ',' ORDER BY w.id) FROM webhooks w WHERE tenant_id = $1),
+            (SELECT string_agg(d::text, ',' ORDER BY d.id) FROM webhook_deliveries d
+               WHERE tenant_id = $1))",
     )
     .bind(tenant)
     .fetch_one(&db.pool)
@@ -35,6 +38,25 @@ async fn another_tenants_ids_answer_404_and_change_nothing() {
     let run = db.enqueue(acme, vec![create]).await.remove(0);
     let (_, acme_token) = token_with(&db, acme, &[Scope::Runs], None).await;
     let intruder = token(&db, globex).await;
+    let (webhook, _) =
+        crate::webhooks::subscribe(&db, acme, "https://hooks.example.com/acme", &[]).await;
+    // The fan-out reads only below the visibility horizon: transactions of
+    // other tests may hold it back for a moment.
+    let delivery: i64 = crate::support::wait_for_value(
+        "the run's events fanned out",
+        Duration::from_secs(10),
+        || async {
+            let mut tx = db.pool.begin().await.expect("begin");
+            db::webhooks::relay::fan_out(&mut tx, 100, 3)
+                .await
+                .expect("fan out");
+            tx.commit().await.expect("commit");
+            db.scalar::<Option<i64>>("SELECT min(id) FROM webhook_deliveries")
+                .await
+        },
+    )
+    .await;
+    let webhook_id = webhook.id;
     let before = snapshot(&db, acme).await;
 
     let run_id = run.id;
@@ -62,6 +84,23 @@ async fn another_tenants_ids_answer_404_and_change_nothing() {
             None,
         ),
         (Method::DELETE, format!("/v1/tokens/{acme_token}"), None),
+        (Method::GET, format!("/v1/webhooks/{webhook_id}"), None),
+        (
+            Method::PATCH,
+            format!("/v1/webhooks/{webhook_id}"),
+            Some(json!({ "url": "https://evil.example.com/steal" })),
+        ),
+        (Method::DELETE, format!("/v1/webhooks/{webhook_id}"), None),
+        (
+            Method::GET,
+            format!("/v1/webhooks/{webhook_id}/deliveries"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/v1/webhooks/{webhook_id}/deliveries/{delivery}/redeliver"),
+            None,
+        ),
         (
             Method::POST,
             "/v1/runs".to_owned(),
@@ -84,11 +123,17 @@ async fn another_tenants_ids_answer_404_and_change_nothing() {
         let problem: Problem = serde_json::from_value(problem).expect("a problem document");
         assert_eq!(problem.status, 404);
     }
-    for path in ["/v1/runs", "/v1/projects", "/v1/tokens", "/v1/audit"] {
+    for path in [
+        "/v1/runs",
+        "/v1/projects",
+        "/v1/tokens",
+        "/v1/audit",
+        "/v1/webhooks",
+    ] {
         let (status, page) = call(&api, &intruder, Method::GET, path, None).await;
         assert_eq!(status, StatusCode::OK, "{path}");
         let text = page.to_string();
-        for id in [run_id, project_id, acme_token] {
+        for id in [run_id, project_id, acme_token, webhook_id] {
             assert!(!text.contains(&id.to_string()), "{path} shows {id}: {text}");
         }
     }

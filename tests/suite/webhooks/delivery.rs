@@ -111,7 +111,11 @@ async fn every_topic_reaches_the_receiver_in_order_and_verified() {
         let id: uuid::Uuid = id.parse().expect("uuid");
         let rows = outbox::for_run(&mut conn, id).await.expect("outbox");
         let expected: Vec<RunEvent> = rows.iter().map(|row| row.published()).collect();
-        assert_eq!(arrived.get(&id), Some(&expected), "run {id}: order and bodies");
+        assert_eq!(
+            arrived.get(&id),
+            Some(&expected),
+            "run {id}: order and bodies"
+        );
         types.extend(expected.iter().map(|e| e.event_type.as_str()));
     }
     let all: BTreeSet<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
@@ -192,7 +196,10 @@ async fn a_receiver_failing_three_times_gets_the_event_on_the_fourth_attempt() {
         .route("/flaky", &secret, "ok", json!({ "fail_first": 3 }))
         .await;
     let worker = RunningWorker::start(Worker::new(db.pool.clone(), worker_config(2)));
-    let run = db.enqueue(tenant, vec![echo_run(json!({}))]).await.remove(0);
+    let run = db
+        .enqueue(tenant, vec![echo_run(json!({}))])
+        .await
+        .remove(0);
     let delivered = support::wait_for_value("delivered", Duration::from_secs(20), || async {
         let all = deliveries(&db, tenant, webhook.id).await;
         all.into_iter()
@@ -202,7 +209,11 @@ async fn a_receiver_failing_three_times_gets_the_event_on_the_fourth_attempt() {
     worker.stop().await;
     assert_eq!(delivered.run_id, run.id);
     assert_eq!(delivered.attempts, 4);
-    let statuses: Vec<Option<i32>> = delivered.attempt_log.iter().map(|a| a.status_code).collect();
+    let statuses: Vec<Option<i32>> = delivered
+        .attempt_log
+        .iter()
+        .map(|a| a.status_code)
+        .collect();
     assert_eq!(statuses, [Some(500), Some(500), Some(500), Some(200)]);
     assert!(delivered.attempt_log[..3]
         .iter()
@@ -210,7 +221,9 @@ async fn a_receiver_failing_three_times_gets_the_event_on_the_fourth_attempt() {
     assert!(delivered.attempt_log[3].error.is_none());
     let log = receiver.log_of("/flaky").await;
     assert_eq!(log.len(), 4);
-    assert!(log.iter().all(|r| r.verified && r.webhook_id == log[0].webhook_id));
+    assert!(log
+        .iter()
+        .all(|r| r.verified && r.webhook_id == log[0].webhook_id));
 }
 
 /// A receiver that always fails ends dead after the allowed attempts,
@@ -232,7 +245,12 @@ async fn an_always_failing_receiver_ends_dead_and_redelivery_delivers() {
     db.enqueue(tenant, vec![echo_run(json!({}))]).await;
     let path = format!("/v1/webhooks/{}/deliveries", webhook.id);
     let dead: Value = support::wait_for_value("dead", Duration::from_secs(20), || async {
-        let page: Value = served.get(&format!("{path}?state=dead")).await.json().await.ok()?;
+        let page: Value = served
+            .get(&format!("{path}?state=dead"))
+            .await
+            .json()
+            .await
+            .ok()?;
         page["deliveries"].as_array()?.first().cloned()
     })
     .await;
@@ -248,7 +266,12 @@ async fn an_always_failing_receiver_ends_dead_and_redelivery_delivers() {
         .await;
     assert_eq!(reply.status(), StatusCode::ACCEPTED);
     support::wait_for_value("redelivered", Duration::from_secs(20), || async {
-        let page: Value = served.get(&format!("{path}?state=delivered")).await.json().await.ok()?;
+        let page: Value = served
+            .get(&format!("{path}?state=delivered"))
+            .await
+            .json()
+            .await
+            .ok()?;
         page["deliveries"].as_array()?.first().cloned()
     })
     .await;

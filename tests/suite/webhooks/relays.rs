@@ -31,7 +31,11 @@ fn check_arrivals(log: &[Received], runs: usize) {
     for r in log {
         let id = r.webhook_id.as_deref().expect("webhook-id");
         let first = bodies.entry(id).or_insert(&r.body);
-        assert_eq!(*first, r.body.as_str(), "a duplicate of {id} has another body");
+        assert_eq!(
+            *first,
+            r.body.as_str(),
+            "a duplicate of {id} has another body"
+        );
     }
     let mut per_run: HashMap<uuid::Uuid, Vec<String>> = HashMap::new();
     let mut seen = HashSet::new();
@@ -48,7 +52,11 @@ fn check_arrivals(log: &[Received], runs: usize) {
         assert_eq!(
             types,
             ["run.created", "run.started", "run.succeeded"],
-            "run {run} arrived out of order"
+            "run {run} arrived out of order: {:?}",
+            log.iter()
+                .filter(|r| r.body.contains(&run.to_string()))
+                .map(|r| (r.webhook_id.clone(), r.status, r.at))
+                .collect::<Vec<_>>()
         );
     }
 }
@@ -66,8 +74,11 @@ async fn two_hundred_runs_with_two_relays_deliver_every_event() {
     receiver.route("/all", &secret, "ok", json!({})).await;
     let env = relay_env();
     let mut workers = [Proc::worker(&db.url, &env), Proc::worker(&db.url, &env)];
-    db.enqueue(tenant, (0..200).map(|i| echo_run(json!({ "i": i }))).collect())
-        .await;
+    db.enqueue(
+        tenant,
+        (0..200).map(|i| echo_run(json!({ "i": i }))).collect(),
+    )
+    .await;
     let log = wait_for_distinct(&receiver, "/all", 600, Duration::from_secs(60)).await;
     for worker in &mut workers {
         worker.stop().await;
@@ -95,8 +106,11 @@ async fn killing_a_relay_mid_batch_loses_nothing() {
     let mut env = relay_env();
     env.push(("RUNQ_WEBHOOK_TIMEOUT_MS", "1000"));
     let mut first = Proc::worker(&db.url, &env);
-    db.enqueue(tenant, (0..20).map(|i| echo_run(json!({ "i": i }))).collect())
-        .await;
+    db.enqueue(
+        tenant,
+        (0..20).map(|i| echo_run(json!({ "i": i }))).collect(),
+    )
+    .await;
     db.wait_for("deliveries in flight", Duration::from_secs(20), || async {
         db.scalar::<i64>("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivering'")
             .await

@@ -88,7 +88,10 @@ pub async fn list_deliveries(
             // Written by the relay from outbox rows, whose types are checked
             // by the contract tests; an unknown one is skipped, not a 500.
             let event_type = EventType::from_name(&row.event_type)?;
-            let open = matches!(row.state, DeliveryState::Pending | DeliveryState::Delivering);
+            let open = matches!(
+                row.state,
+                DeliveryState::Pending | DeliveryState::Delivering
+            );
             Some(Delivery {
                 id: row.id,
                 event_id: RunEvent::id_of(row.event_id),

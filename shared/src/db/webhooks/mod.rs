@@ -182,7 +182,11 @@ pub async fn update(
 /// # Errors
 ///
 /// [`DbError::WebhookNotFound`], else database errors.
-pub async fn delete(conn: &mut PgConnection, tenant: TenantId, id: Uuid) -> Result<Webhook, DbError> {
+pub async fn delete(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    id: Uuid,
+) -> Result<Webhook, DbError> {
     let row = query_webhooks!(
         "DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2 RETURNING",
         "",

@@ -38,7 +38,11 @@ pub struct FanOut {
 /// # Errors
 ///
 /// Database errors.
-pub async fn fan_out(conn: &mut PgConnection, batch: i64, attempts: i32) -> Result<FanOut, DbError> {
+pub async fn fan_out(
+    conn: &mut PgConnection,
+    batch: i64,
+    attempts: i32,
+) -> Result<FanOut, DbError> {
     let Some(at) = sqlx::query!(
         r#"SELECT txid::text::bigint AS "txid!", id FROM outbox_cursors
            WHERE name = 'webhooks' FOR UPDATE SKIP LOCKED"#
