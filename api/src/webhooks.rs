@@ -60,6 +60,20 @@ fn target(id: Uuid) -> String {
     format!("webhook:{id}")
 }
 
+/// Refuses topics named twice.
+fn check_topics(topics: Option<&[runq_shared::EventType]>) -> Result<(), ApiError> {
+    let topics = topics.unwrap_or_default();
+    for (i, topic) in topics.iter().enumerate() {
+        if topics[..i].contains(topic) {
+            return Err(ApiError::Unprocessable(format!(
+                "topics: '{}' is listed twice",
+                topic.as_str()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a URL that is not absolute `http(s)` with a host.
 fn check_url(url: &str) -> Result<(), ApiError> {
     let parsed = url::Url::parse(url)
@@ -94,6 +108,7 @@ impl WebhooksApi {
     ) -> Result<CreateWebhookResponse, ApiError> {
         auth.0.require(Scope::Admin)?;
         check_url(&body.0.url)?;
+        check_topics(body.0.topics.as_deref())?;
         let secret = runq_shared::signing::new_secret();
         let mut tx = self.pool.begin().await?;
         let webhook = webhooks::create(&mut tx, auth.0.tenant_id, &body.0, &secret).await?;
@@ -155,6 +170,7 @@ impl WebhooksApi {
         if let Some(url) = &body.0.url {
             check_url(url)?;
         }
+        check_topics(body.0.topics.as_deref())?;
         let mut tx = self.pool.begin().await?;
         let webhook = webhooks::update(&mut tx, auth.0.tenant_id, id.0, &body.0).await?;
         audit::record(
