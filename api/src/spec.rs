@@ -23,11 +23,13 @@ pub(crate) fn finish(raw: &str) -> String {
 
 /// Adds the payloads that cross a process boundary outside the HTTP API to
 /// the document's components, so the spec describes every contract: the step
-/// envelope an `http` step POSTs and the outbox event relays deliver.
+/// envelope an `http` step POSTs, the outbox event, and the `RunEvent`
+/// webhooks and streams deliver (OpenAPI 3.0 has no `webhooks` section).
 fn add_extra_schemas(document: &mut Value) {
     let mut registry = Registry::new();
     runq_shared::StepInput::register(&mut registry);
     runq_shared::OutboxEvent::register(&mut registry);
+    runq_shared::RunEvent::register(&mut registry);
     if let Some(schemas) = document
         .pointer_mut("/components/schemas")
         .and_then(Value::as_object_mut)

@@ -6,7 +6,7 @@ use runq_shared::db::runs;
 use runq_shared::protocol::{Backoff, Completion, FailedStep, Outcome};
 use runq_shared::{
     CreateRun, ErrorReason, EventType, NewStep, OutboxEvent, Problem, Run, RunDetail, RunError,
-    RunSnapshot, RunStatus, Step, StepInput, StepStatus,
+    RunEvent, RunSnapshot, RunStatus, Step, StepInput, StepStatus,
 };
 use runq_worker::maintenance::Rescuer;
 use serde::de::DeserializeOwned;
@@ -47,6 +47,11 @@ fn spec_describes_every_payload() {
         "IngestedEvents",
         "Problem",
         "OutboxEvent",
+        "RunEvent",
+        "Webhook",
+        "CreatedWebhook",
+        "Delivery",
+        "DeliveryPage",
         "RunSnapshot",
         "StepInput",
     ] {
@@ -435,18 +440,25 @@ async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
         .await
         .expect("rescue");
 
-    let rows: Vec<(String, uuid::Uuid, Value)> =
-        sqlx::query_as("SELECT event_type, run_id, payload FROM outbox ORDER BY id")
+    let rows: Vec<(i64, String, uuid::Uuid, Value)> =
+        sqlx::query_as("SELECT id, event_type, run_id, payload FROM outbox ORDER BY id")
             .fetch_all(&db.pool)
             .await
             .expect("outbox");
     let mut seen = std::collections::BTreeSet::new();
-    for (event_type, run_id, payload) in rows {
+    for (id, event_type, run_id, payload) in rows {
         let event: OutboxEvent = serde_json::from_value(payload.clone())
             .unwrap_or_else(|e| panic!("{event_type} payload {payload} breaks the contract: {e}"));
         assert_eq!(event.event_type.as_str(), event_type);
         assert_eq!(event.run.id, run_id);
         assert_eq!(event.run.tenant_id, tenant);
+        // What webhooks and streams send for this row: serde, the OpenAPI
+        // schema and the row agree on it.
+        let published = RunEvent::from_outbox(id, event.clone());
+        assert_eq!(published.id, format!("evt_{id}"));
+        assert_eq!(published.version, runq_shared::RUN_EVENT_VERSION);
+        assert_eq!(published.run, event.run);
+        agree(published);
         seen.insert(event_type);
     }
     let expected: std::collections::BTreeSet<String> = [
