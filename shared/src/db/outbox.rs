@@ -79,6 +79,29 @@ pub struct OutboxRow {
     pub payload: OutboxEvent,
 }
 
+/// An outbox row as read.
+struct Row {
+    txid: i64,
+    id: i64,
+    run_id: RunId,
+    event_type: String,
+    payload: Json<OutboxEvent>,
+}
+
+impl From<Row> for OutboxRow {
+    fn from(row: Row) -> Self {
+        OutboxRow {
+            cursor: Cursor {
+                txid: row.txid,
+                id: row.id,
+            },
+            run_id: row.run_id,
+            event_type: row.event_type,
+            payload: row.payload.0,
+        }
+    }
+}
+
 impl OutboxRow {
     /// The row's published form: the webhook body and the stream's `data`.
     pub fn published(&self) -> RunEvent {
@@ -108,7 +131,8 @@ pub async fn for_run_after(
     id: RunId,
     after: i64,
 ) -> Result<Vec<OutboxRow>, DbError> {
-    let rows = sqlx::query!(
+    let rows = sqlx::query_as!(
+        Row,
         r#"SELECT txid::text::bigint AS "txid!", id, run_id, event_type,
                   payload AS "payload: Json<OutboxEvent>"
            FROM outbox WHERE run_id = $1 AND id > $2 ORDER BY id"#,
@@ -117,18 +141,7 @@ pub async fn for_run_after(
     )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| OutboxRow {
-            cursor: Cursor {
-                txid: row.txid,
-                id: row.id,
-            },
-            run_id: row.run_id,
-            event_type: row.event_type,
-            payload: row.payload.0,
-        })
-        .collect())
+    Ok(rows.into_iter().map(OutboxRow::from).collect())
 }
 
 /// Up to `limit` rows after `after`, below the visibility horizon, in log
@@ -143,7 +156,8 @@ pub async fn read_after(
     tenant: Option<TenantId>,
     limit: i64,
 ) -> Result<Vec<OutboxRow>, DbError> {
-    let rows = sqlx::query!(
+    let rows = sqlx::query_as!(
+        Row,
         r#"SELECT txid::text::bigint AS "txid!", id, run_id, event_type,
                   payload AS "payload: Json<OutboxEvent>"
            FROM outbox
@@ -159,18 +173,7 @@ pub async fn read_after(
     )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| OutboxRow {
-            cursor: Cursor {
-                txid: row.txid,
-                id: row.id,
-            },
-            run_id: row.run_id,
-            event_type: row.event_type,
-            payload: row.payload.0,
-        })
-        .collect())
+    Ok(rows.into_iter().map(OutboxRow::from).collect())
 }
 
 /// The position of the newest row below the visibility horizon (the start
