@@ -74,8 +74,17 @@ fn check_topics(topics: Option<&[runq_shared::EventType]>) -> Result<(), ApiErro
     Ok(())
 }
 
-/// Refuses a URL that is not absolute `http(s)` with a host.
+/// Refuses a URL outside the spec's pattern, or that does not parse as an
+/// absolute `http(s)` URL with a host.
 fn check_url(url: &str) -> Result<(), ApiError> {
+    static PATTERN: std::sync::OnceLock<Option<regex::Regex>> = std::sync::OnceLock::new();
+    let pattern = PATTERN.get_or_init(|| regex::Regex::new(runq_shared::WEBHOOK_URL_PATTERN).ok());
+    if !pattern.as_ref().is_some_and(|p| p.is_match(url)) {
+        return Err(ApiError::Unprocessable(format!(
+            "url '{url}' must be http(s):// with a host name or an IPv4 address, an optional \
+             port, then printable ASCII (the pattern in the spec)"
+        )));
+    }
     let parsed = url::Url::parse(url)
         .map_err(|err| ApiError::Unprocessable(format!("url '{url}' is not a URL: {err}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {

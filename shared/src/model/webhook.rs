@@ -9,6 +9,11 @@ use super::*;
 
 /// Longest webhook URL, in bytes.
 pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
+/// The form of a webhook URL, as the OpenAPI document states it (the
+/// `pattern` of `CreateWebhook.url`): `http(s)://`, a host name whose last
+/// label starts with a letter or an IPv4 address, an optional port, then
+/// printable ASCII.
+pub const WEBHOOK_URL_PATTERN: &str = "^https?://(([A-Za-z0-9-]+\\.)*[A-Za-z][A-Za-z0-9-]*|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][!-~]*)?$";
 /// Most webhook subscriptions one tenant may have.
 pub const MAX_WEBHOOKS_PER_TENANT: i64 = 50;
 
@@ -55,7 +60,7 @@ pub struct CreateWebhook {
     /// metadata addresses unless their outbound allow-list permits them.
     #[oai(validator(
         max_length = 2048,
-        pattern = "^https?://(([A-Za-z0-9-]+\\.)*[A-Za-z][A-Za-z0-9-]*|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:[0-9]{1,4})?([/?#][!-~]*)?$"
+        pattern = "^https?://(([A-Za-z0-9-]+\\.)*[A-Za-z][A-Za-z0-9-]*|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][!-~]*)?$"
     ))]
     pub url: String,
     /// The event types to deliver (up to 9, no repeats); absent or empty:
@@ -84,7 +89,7 @@ pub struct UpdateWebhook {
         skip_serializing_if_is_none,
         validator(
             max_length = 2048,
-            pattern = "^https?://(([A-Za-z0-9-]+\\.)*[A-Za-z][A-Za-z0-9-]*|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:[0-9]{1,4})?([/?#][!-~]*)?$"
+            pattern = "^https?://(([A-Za-z0-9-]+\\.)*[A-Za-z][A-Za-z0-9-]*|((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9]))(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][!-~]*)?$"
         )
     )]
     pub url: Option<String>,
