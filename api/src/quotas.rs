@@ -8,7 +8,7 @@
 use poem_openapi::payload::Json;
 use poem_openapi::{OpenApi, Tags};
 use runq_shared::db::quotas;
-use runq_shared::quotas::{QuotaReport, TenantQuotas};
+use runq_shared::quotas::{QuotaPatch, QuotaReport, TenantQuotas};
 use runq_shared::Scope;
 use sqlx::PgPool;
 
@@ -37,6 +37,27 @@ impl QuotasApi {
     async fn get(&self, auth: TenantAuth) -> Result<Json<QuotaReport>, ApiError> {
         let mut conn = self.pool.acquire().await?;
         Ok(Json(quotas::report(&mut conn, auth.0.tenant_id).await?))
+    }
+
+    /// Change some of the tenant's quotas
+    ///
+    /// Scope `admin`. Changes only what the body names: `plan`, and per
+    /// quota a number (set the override) or `null` (remove it: the plan's
+    /// number applies again). Answers with the quotas as they now stand.
+    /// Logged as `quota.update`.
+    #[oai(path = "/quotas", method = "patch", operation_id = "update_quotas")]
+    async fn update(
+        &self,
+        auth: TenantAuth,
+        body: ApiJson<QuotaPatch>,
+    ) -> Result<Json<QuotaReport>, ApiError> {
+        auth.0.require(Scope::Admin)?;
+        let mut tx = self.pool.begin().await?;
+        let tenant = auth.0.tenant_id;
+        quotas::patch(&mut tx, tenant, &body.0, &auth.0.actor()).await?;
+        let report = quotas::report(&mut tx, tenant).await?;
+        tx.commit().await?;
+        Ok(Json(report))
     }
 
     /// Set the tenant's plan and overrides

@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use chrono::{DateTime, Utc};
+use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{Enum, Object};
 use serde::{Deserialize, Serialize};
 
@@ -240,6 +241,79 @@ pub fn parse_setting(text: &str) -> Result<(Quota, Option<i64>), String> {
     overrides.set(quota, Some(limit));
     overrides.validate()?;
     Ok((quota, Some(limit)))
+}
+
+/// The body of `PATCH /v1/quotas`: what to change, keeping the rest. A
+/// number sets an override, `null` removes it (the plan's number applies
+/// again), an absent field keeps it.
+#[derive(Object, Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[oai(deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaPatch {
+    /// A new plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
+    pub plan: Option<Plan>,
+    /// Projects the tenant may have (at least 0).
+    #[serde(default, skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(validator(minimum(value = "0")))]
+    pub projects: MaybeUndefined<i64>,
+    /// Runs accepted in the last 24 hours (at least 0).
+    #[serde(default, skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(validator(minimum(value = "0")))]
+    pub runs_per_day: MaybeUndefined<i64>,
+    /// Days finished runs are kept (at least 0).
+    #[serde(default, skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(validator(minimum(value = "0")))]
+    pub retention_days: MaybeUndefined<i64>,
+    /// Events the tenant may keep stored (at least 0).
+    #[serde(default, skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(validator(minimum(value = "0")))]
+    pub stored_events: MaybeUndefined<i64>,
+    /// Minutes one run may execute (at least 1).
+    #[serde(default, skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(validator(minimum(value = "1")))]
+    pub run_duration_minutes: MaybeUndefined<i64>,
+    /// Events one run may record (at least 0).
+    #[serde(default, skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(skip_serializing_if = "MaybeUndefined::is_undefined")]
+    #[oai(validator(minimum(value = "0")))]
+    pub run_events: MaybeUndefined<i64>,
+}
+
+impl QuotaPatch {
+    /// `quotas` with this patch applied.
+    ///
+    /// # Errors
+    ///
+    /// An override out of range, named as [`QuotaOverrides::validate`] names it.
+    pub fn apply(&self, quotas: &TenantQuotas) -> Result<TenantQuotas, String> {
+        let mut next = quotas.clone();
+        if let Some(plan) = self.plan {
+            next.plan = plan;
+        }
+        for (quota, change) in [
+            (Quota::Projects, &self.projects),
+            (Quota::RunsPerDay, &self.runs_per_day),
+            (Quota::RetentionDays, &self.retention_days),
+            (Quota::StoredEvents, &self.stored_events),
+            (Quota::RunDurationMinutes, &self.run_duration_minutes),
+            (Quota::RunEvents, &self.run_events),
+        ] {
+            match change {
+                MaybeUndefined::Undefined => {}
+                MaybeUndefined::Null => next.overrides.set(quota, None),
+                MaybeUndefined::Value(limit) => next.overrides.set(quota, Some(*limit)),
+            }
+        }
+        next.overrides.validate()?;
+        Ok(next)
+    }
 }
 
 /// A tenant's quota settings: its plan and overrides. Also the body of

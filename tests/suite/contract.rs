@@ -103,6 +103,7 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             "IngestEvents",
             "NewStep",
             "QuotaOverrides",
+            "QuotaPatch",
             "RetryRuns",
             "TenantQuotas",
             "UpdateProject",
@@ -129,6 +130,7 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             "QuotaOverrides",
             refuses::<runq_shared::quotas::QuotaOverrides>(),
         ),
+        ("QuotaPatch", refuses::<runq_shared::quotas::QuotaPatch>()),
         (
             "TenantQuotas",
             refuses::<runq_shared::quotas::TenantQuotas>(),

@@ -523,3 +523,176 @@ async fn bad_quota_settings_are_refused_with_422() {
         0
     );
 }
+
+/// `stored_events` keeps a tenant's newest events: past the limit the
+/// oldest roll off (a trimmer pass in every worker), never another
+/// tenant's, and the quota report counts what is stored.
+#[tokio::test]
+async fn stored_events_keep_the_newest_and_roll_off_the_oldest() {
+    let db = TestDb::new().await;
+    let acme = db.default_plan_tenant("acme").await;
+    let globex = db.tenant("globex").await;
+    set_override(&db, acme, Quota::StoredEvents, 25).await;
+    let record = |tenant: TenantId, n: i64| {
+        let db = &db;
+        async move {
+            let run = db
+                .enqueue(tenant, vec![echo_run(json!({}))])
+                .await
+                .remove(0);
+            sqlx::query(
+                "INSERT INTO run_events (run_id, tenant_id, attempt, kind, data)
+                 SELECT $1, $2, 1, 'tick', jsonb_build_object('n', g)
+                 FROM generate_series(1, $3) g",
+            )
+            .bind(run.id)
+            .bind(tenant)
+            .bind(n)
+            .execute(&db.pool)
+            .await
+            .expect("events");
+        }
+    };
+    let count = |tenant: TenantId| {
+        let db = &db;
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM run_events WHERE tenant_id = $1")
+                .bind(tenant)
+                .fetch_one(&db.pool)
+                .await
+                .expect("count")
+        }
+    };
+    record(acme, 40).await;
+    record(globex, 40).await;
+    let newest: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM run_events WHERE tenant_id = $1 ORDER BY id DESC LIMIT 25",
+    )
+    .bind(acme)
+    .fetch_all(&db.pool)
+    .await
+    .expect("newest");
+
+    let trimmer = runq_worker::maintenance::EventTrimmer::new(db.pool.clone());
+    assert_eq!(trimmer.run_once().await.expect("trim"), 15);
+    let kept: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM run_events WHERE tenant_id = $1 ORDER BY id DESC")
+            .bind(acme)
+            .fetch_all(&db.pool)
+            .await
+            .expect("kept");
+    assert_eq!(kept, newest, "the newest 25 are kept");
+    assert_eq!(
+        count(globex).await,
+        40,
+        "an unlimited tenant keeps everything"
+    );
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let report = quotas::report(&mut conn, acme).await.expect("report");
+    let stored = report
+        .quotas
+        .iter()
+        .find(|s| s.quota == Quota::StoredEvents)
+        .expect("stored_events reported");
+    assert_eq!((stored.limit, stored.used), (Some(25), Some(25)));
+    assert_eq!(
+        trimmer.run_once().await.expect("trim"),
+        0,
+        "nothing left to do"
+    );
+
+    // Workers trim on their own.
+    record(acme, 10).await;
+    let worker = RunningWorker::start(Worker::new(db.pool.clone(), worker_config(1)));
+    db.wait_for(
+        "a worker trims acme's events",
+        Duration::from_secs(20),
+        || async { count(acme).await == 25 },
+    )
+    .await;
+    worker.stop().await;
+}
+
+/// `PATCH /v1/quotas` changes what it names and keeps the rest: a number
+/// sets an override, `null` removes it, `plan` switches the plan; an
+/// override out of range is a 422 that changes nothing; each change is
+/// audited.
+#[tokio::test]
+async fn patch_changes_only_the_quotas_it_names() {
+    let db = TestDb::new().await;
+    let tenant = db.default_plan_tenant("acme").await;
+    let token = token(&db, tenant).await;
+    let api = TestApi::start(db.pool.clone(), TestApi::config());
+    let client = Client::new();
+    set_quotas(
+        &client,
+        &api,
+        &token,
+        json!({ "plan": "free", "overrides": { "runs_per_day": 100, "run_events": 20000 } }),
+    )
+    .await;
+    let patch = |body: Value| {
+        client
+            .patch(format!("{}/v1/quotas", api.base))
+            .bearer_auth(&token)
+            .json(&body)
+            .send()
+    };
+    let reply = patch(json!({ "stored_events": 10, "run_events": null }))
+        .await
+        .expect("send");
+    assert_eq!(reply.status(), StatusCode::OK);
+    let report: QuotaReport = reply.json().await.expect("report");
+    assert_eq!(report.plan, Plan::Free);
+    assert_eq!(report.overrides.runs_per_day, Some(100), "kept");
+    assert_eq!(report.overrides.stored_events, Some(10), "set");
+    assert_eq!(report.overrides.run_events, None, "removed");
+    let limit = |report: &QuotaReport, quota: Quota| {
+        report
+            .quotas
+            .iter()
+            .find(|s| s.quota == quota)
+            .and_then(|s| s.limit)
+    };
+    assert_eq!(
+        limit(&report, Quota::RunEvents),
+        Some(5_000),
+        "the plan's number again"
+    );
+
+    let report: QuotaReport = patch(json!({ "plan": "unlimited" }))
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("report");
+    assert_eq!(report.plan, Plan::Unlimited);
+    assert_eq!(
+        report.overrides.runs_per_day,
+        Some(100),
+        "overrides survive a plan change"
+    );
+    assert_eq!(limit(&report, Quota::Projects), None);
+
+    for bad in [
+        json!({ "projects": -1 }),
+        json!({ "run_duration_minutes": 0 }),
+        json!({ "nonsense": 1 }),
+        json!({ "plan": "gold" }),
+    ] {
+        let reply = patch(bad.clone()).await.expect("send");
+        assert_eq!(reply.status(), StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    }
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let now = quotas::get(&mut conn, tenant).await.expect("get");
+    assert_eq!(now.plan, Plan::Unlimited);
+    assert_eq!(
+        now.overrides.stored_events,
+        Some(10),
+        "refused patches changed nothing"
+    );
+    let audited: i64 = db
+        .scalar("SELECT count(*) FROM audit_log WHERE action = 'quota.update'")
+        .await;
+    assert_eq!(audited, 3, "the PUT and two patches");
+}

@@ -1,13 +1,14 @@
 //! Maintenance that runs inside every worker: rescuing runs whose lease
-//! expired and marking silent workers gone. Each service is coordinated
+//! expired, marking silent workers gone, and trimming each tenant's events
+//! to its `stored_events` quota. Each service is coordinated
 //! through Postgres (`SKIP LOCKED` on the rows it changes), so any number of
 //! workers run it and none is special.
 
 use std::time::Duration;
 
 use runq_shared::db::runs::{self, RescueReport};
-use runq_shared::db::workers;
 use runq_shared::db::DbError;
+use runq_shared::db::{events, quotas, workers};
 use runq_shared::protocol::Backoff;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +85,66 @@ impl Rescuer {
                 }
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "rescue pass failed"),
+            }
+        }
+    }
+}
+
+/// Events one trim statement deletes.
+const TRIM_BATCH: i64 = 1_000;
+
+/// Keeps each tenant's stored events within its `stored_events` quota: the
+/// newest are kept, the oldest roll off.
+#[derive(Clone)]
+pub struct EventTrimmer {
+    pool: PgPool,
+}
+
+impl EventTrimmer {
+    /// A trimmer on `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// One pass over every tenant with a finite `stored_events` limit, in
+    /// batches of 1,000; returns how many events went. A tenant another
+    /// worker is trimming right now is skipped.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn run_once(&self) -> Result<u64, DbError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut total = 0;
+        for (tenant, keep) in quotas::stored_event_limits(&mut conn).await? {
+            loop {
+                let gone = events::trim_oldest(&mut conn, tenant, keep, TRIM_BATCH).await?;
+                total += gone;
+                if gone < TRIM_BATCH as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Calls [`EventTrimmer::run_once`] every `every` until `shutdown` fires.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: an interrupted statement rolls back.
+    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.run_once().await {
+                Ok(0) => {}
+                Ok(trimmed) => tracing::info!(trimmed, "trimmed events past stored_events quotas"),
+                Err(err) => tracing::warn!(error = %err, "event trim failed"),
             }
         }
     }

@@ -26,10 +26,13 @@ use crate::completer::Completer;
 use crate::executor::Context;
 use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
-use crate::maintenance::Rescuer;
+use crate::maintenance::{EventTrimmer, Rescuer};
 use crate::outbound::OutboundPolicy;
 use crate::relay::Relay;
 use crate::services::{guard_leases, heartbeat, lease_guard, listen};
+
+/// Time between passes of the event trimmer (the `stored_events` quota).
+const TRIM_EVERY: Duration = Duration::from_secs(30);
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +263,7 @@ impl Worker {
             )
             .run(Duration::from_millis(config.maintenance_ms), stop.clone()),
         );
+        services.spawn(EventTrimmer::new(self.pool.clone()).run(TRIM_EVERY, stop.clone()));
         if config.relay.enabled {
             match Relay::new(
                 self.pool.clone(),

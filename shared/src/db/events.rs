@@ -93,3 +93,44 @@ pub async fn insert_ingested(
     .await?;
     Ok(truncated.iter().filter(|t| **t).count() as u32)
 }
+
+/// First key of the per-tenant advisory lock a trim takes, so trimmers on
+/// several workers do not delete the same rows twice.
+const TRIM_LOCK_SPACE: i32 = 0x7472_696d; // "trim"
+
+/// Deletes up to `batch` of `tenant`'s oldest events beyond its newest
+/// `keep` (the `stored_events` quota: the oldest roll off). Returns how many
+/// went; fewer than `batch` means the tenant is within `keep`, or another
+/// worker is trimming it right now.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn trim_oldest(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    keep: i64,
+    batch: i64,
+) -> Result<u64, DbError> {
+    let done = sqlx::query!(
+        r#"
+        WITH led AS (
+            SELECT pg_try_advisory_xact_lock($4, hashtext($1::uuid::text)) AS led
+        ), boundary AS (
+            SELECT id FROM run_events WHERE tenant_id = $1 AND (SELECT led FROM led)
+            ORDER BY id DESC OFFSET $2 LIMIT 1
+        )
+        DELETE FROM run_events WHERE id = ANY (ARRAY(
+            SELECT e.id FROM run_events e, boundary b
+            WHERE e.tenant_id = $1 AND e.id <= b.id
+            ORDER BY e.id LIMIT $3))
+        "#,
+        tenant,
+        keep,
+        batch,
+        TRIM_LOCK_SPACE,
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -120,6 +120,27 @@ pub async fn change(
     Ok(before)
 }
 
+/// Applies `patch` to `tenant`'s settings under the tenant's quota lock (so
+/// two patches of different numbers both hold) and records the change as
+/// [`change`] does. Returns the settings before. Run it in a transaction.
+///
+/// # Errors
+///
+/// [`DbError::Invalid`] for an override out of range, else database errors.
+pub async fn patch(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    patch: &crate::quotas::QuotaPatch,
+    actor: &crate::db::audit::Actor,
+) -> Result<TenantQuotas, DbError> {
+    lock(conn, tenant).await?;
+    let current = get(conn, tenant).await?;
+    let next = patch
+        .apply(&current)
+        .map_err(|message| DbError::Invalid(crate::model::InvalidRun(message)))?;
+    change(conn, tenant, &next, actor).await
+}
+
 /// Takes `tenant`'s quota lock until the transaction ends. Outside a
 /// transaction it is released at once and protects nothing.
 async fn lock(conn: &mut PgConnection, tenant: TenantId) -> Result<(), DbError> {
@@ -194,6 +215,27 @@ pub(crate) async fn run_limits(
     limits.sort_unstable();
     limits.dedup();
     Ok(limits)
+}
+
+/// Every tenant with a finite `stored_events` limit, and the limit: the
+/// tenants the event trimmer looks at.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn stored_event_limits(conn: &mut PgConnection) -> Result<Vec<(TenantId, i64)>, DbError> {
+    let tenants: Vec<TenantId> = sqlx::query_scalar!("SELECT id FROM tenants ORDER BY id")
+        .fetch_all(&mut *conn)
+        .await?;
+    let stored = stored(conn, &tenants).await?;
+    let fallback = TenantQuotas::plan(default_plan());
+    Ok(tenants
+        .into_iter()
+        .filter_map(|tenant| {
+            let quotas = stored.get(&tenant).unwrap_or(&fallback);
+            Some((tenant, quotas.limit(Quota::StoredEvents)?))
+        })
+        .collect())
 }
 
 /// The run counter of limited tenants inside one enqueue: taken by
@@ -326,10 +368,8 @@ async fn count_projects(conn: &mut PgConnection, tenant: TenantId) -> Result<i64
 pub async fn report(conn: &mut PgConnection, tenant: TenantId) -> Result<QuotaReport, DbError> {
     let quotas = get(conn, tenant).await?;
     let projects = count_projects(conn, tenant).await?;
-    // Through the tenant's runs: `run_events` is indexed by run, not tenant.
     let events = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "count!" FROM run_events e
-           JOIN runs r ON r.id = e.run_id WHERE r.tenant_id = $1"#,
+        r#"SELECT count(*) AS "count!" FROM run_events WHERE tenant_id = $1"#,
         tenant
     )
     .fetch_one(&mut *conn)
