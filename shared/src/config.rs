@@ -104,6 +104,14 @@ pub struct WorkerConfig {
     /// Most outcomes written by one completer transaction.
     #[arg(long, env = "RUNQ_COMPLETE_BATCH", default_value_t = 1_000)]
     pub complete_batch: usize,
+    /// Hours a succeeded run is kept after it finished, with its steps and
+    /// events (capped by the tenant's `retention_days` quota).
+    #[arg(long, env = "RUNQ_RETAIN_SUCCEEDED_HOURS", default_value_t = 1.0)]
+    pub retain_succeeded_hours: f64,
+    /// Hours a failed, stopped or cancelled run is kept after it finished
+    /// (capped by the tenant's `retention_days` quota).
+    #[arg(long, env = "RUNQ_RETAIN_FAILED_HOURS", default_value_t = 24.0)]
+    pub retain_failed_hours: f64,
     /// The outbox relay and webhook deliveries.
     #[command(flatten)]
     pub relay: RelayConfig,
@@ -224,6 +232,8 @@ impl Default for WorkerConfig {
             complete_batch: 1_000,
             max_run_duration_minutes: 15.0,
             max_output_bytes: 1024 * 1024,
+            retain_succeeded_hours: 1.0,
+            retain_failed_hours: 24.0,
             relay: RelayConfig::default(),
             outbound_allow: Vec::new(),
         }

@@ -19,6 +19,7 @@ mod load;
 mod outbound;
 mod properties;
 mod quotas;
+mod retention;
 mod shutdown;
 mod tenancy;
 mod webhooks;

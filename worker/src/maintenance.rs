@@ -1,6 +1,6 @@
 //! Maintenance that runs inside every worker: rescuing runs whose lease
-//! expired, marking silent workers gone, and trimming each tenant's events
-//! to its `stored_events` quota. Each service is coordinated
+//! expired, marking silent workers gone, trimming each tenant's events to
+//! its `stored_events` quota, and pruning finished runs past retention. Each service is coordinated
 //! through Postgres (`SKIP LOCKED` on the rows it changes), so any number of
 //! workers run it and none is special.
 
@@ -10,6 +10,7 @@ use runq_shared::db::runs::{self, RescueReport};
 use runq_shared::db::DbError;
 use runq_shared::db::{events, quotas, workers};
 use runq_shared::protocol::Backoff;
+use runq_shared::quotas::Quota;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -116,7 +117,7 @@ impl EventTrimmer {
     pub async fn run_once(&self) -> Result<u64, DbError> {
         let mut conn = self.pool.acquire().await?;
         let mut total = 0;
-        for (tenant, keep) in quotas::stored_event_limits(&mut conn).await? {
+        for (tenant, keep) in quotas::finite_limits(&mut conn, Quota::StoredEvents).await? {
             loop {
                 let gone = events::trim_oldest(&mut conn, tenant, keep, TRIM_BATCH).await?;
                 total += gone;
@@ -145,6 +146,67 @@ impl EventTrimmer {
                 Ok(0) => {}
                 Ok(trimmed) => tracing::info!(trimmed, "trimmed events past stored_events quotas"),
                 Err(err) => tracing::warn!(error = %err, "event trim failed"),
+            }
+        }
+    }
+}
+
+/// Runs one prune statement looks at.
+const PRUNE_BATCH: i64 = 500;
+
+/// Deletes finished runs (with their steps and events) past retention.
+#[derive(Clone)]
+pub struct Pruner {
+    pool: PgPool,
+    retention: runs::Retention,
+}
+
+impl Pruner {
+    /// A pruner keeping finished runs as `retention` says.
+    pub fn new(pool: PgPool, retention: runs::Retention) -> Self {
+        Self { pool, retention }
+    }
+
+    /// One walk over `runs`, oldest first, in batches of 500, until it
+    /// reaches runs too young to be past retention; returns how many runs
+    /// went. Another worker's walk in progress makes this one stop at once.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn run_once(&self) -> Result<u64, DbError> {
+        let mut conn = self.pool.acquire().await?;
+        let caps = quotas::finite_limits(&mut conn, Quota::RetentionDays).await?;
+        let mut after = None;
+        let mut total = 0;
+        loop {
+            let batch =
+                runs::prune_finished(&mut conn, after, PRUNE_BATCH, self.retention, &caps).await?;
+            total += batch.deleted;
+            if batch.done {
+                return Ok(total);
+            }
+            after = batch.last;
+        }
+    }
+
+    /// Calls [`Pruner::run_once`] every `every` until `shutdown` fires.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: an interrupted batch rolls back.
+    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.run_once().await {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "pruned finished runs past retention"),
+                Err(err) => tracing::warn!(error = %err, "prune failed"),
             }
         }
     }

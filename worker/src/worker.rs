@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runq_shared::config::WorkerConfig;
-use runq_shared::db::runs;
+use runq_shared::db::runs::{self, Retention};
 use runq_shared::db::{workers, DbError};
 use runq_shared::protocol::{Backoff, ClaimedRun, Lease};
 use runq_shared::WorkerId;
@@ -26,13 +26,15 @@ use crate::completer::Completer;
 use crate::executor::Context;
 use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
-use crate::maintenance::{EventTrimmer, Rescuer};
+use crate::maintenance::{EventTrimmer, Pruner, Rescuer};
 use crate::outbound::OutboundPolicy;
 use crate::relay::Relay;
 use crate::services::{guard_leases, heartbeat, lease_guard, listen};
 
 /// Time between passes of the event trimmer (the `stored_events` quota).
 const TRIM_EVERY: Duration = Duration::from_secs(30);
+/// Time between passes of the pruner (retention of finished runs).
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +266,11 @@ impl Worker {
             .run(Duration::from_millis(config.maintenance_ms), stop.clone()),
         );
         services.spawn(EventTrimmer::new(self.pool.clone()).run(TRIM_EVERY, stop.clone()));
+        let retention = Retention {
+            succeeded_seconds: config.retain_succeeded_hours * 3600.0,
+            failed_seconds: config.retain_failed_hours * 3600.0,
+        };
+        services.spawn(Pruner::new(self.pool.clone(), retention).run(PRUNE_EVERY, stop.clone()));
         if config.relay.enabled {
             match Relay::new(
                 self.pool.clone(),

@@ -217,13 +217,17 @@ pub(crate) async fn run_limits(
     Ok(limits)
 }
 
-/// Every tenant with a finite `stored_events` limit, and the limit: the
-/// tenants the event trimmer looks at.
+/// Every tenant with a finite limit of `quota`, and the limit: the tenants
+/// the event trimmer (`stored_events`) and the pruner (`retention_days`)
+/// look at.
 ///
 /// # Errors
 ///
 /// Database errors.
-pub async fn stored_event_limits(conn: &mut PgConnection) -> Result<Vec<(TenantId, i64)>, DbError> {
+pub async fn finite_limits(
+    conn: &mut PgConnection,
+    quota: Quota,
+) -> Result<Vec<(TenantId, i64)>, DbError> {
     let tenants: Vec<TenantId> = sqlx::query_scalar!("SELECT id FROM tenants ORDER BY id")
         .fetch_all(&mut *conn)
         .await?;
@@ -233,7 +237,7 @@ pub async fn stored_event_limits(conn: &mut PgConnection) -> Result<Vec<(TenantI
         .into_iter()
         .filter_map(|tenant| {
             let quotas = stored.get(&tenant).unwrap_or(&fallback);
-            Some((tenant, quotas.limit(Quota::StoredEvents)?))
+            Some((tenant, quotas.limit(quota)?))
         })
         .collect())
 }

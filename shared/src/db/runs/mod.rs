@@ -7,6 +7,7 @@
 //! - [`lease`]: heartbeats, graceful hand-back and the rescuer.
 //! - [`read`]: what clients read.
 //! - [`admin`]: what clients change (cancel, retry, bulk retry).
+//! - [`prune`]: deleting finished runs past retention.
 //!
 //! Each state change of a run writes its outbox row in the same statement, so
 //! the two commit together (DESIGN.md, invariant 3); the payload is built by
@@ -52,6 +53,7 @@ pub mod claim;
 pub mod complete;
 pub mod enqueue;
 pub mod lease;
+pub mod prune;
 pub mod read;
 
 pub use admin::{cancel, retry, retry_many};
@@ -59,6 +61,7 @@ pub use claim::claim;
 pub use complete::{checkpoint_many, complete_many};
 pub use enqueue::{enqueue, enqueue_many, Enqueued};
 pub use lease::{extend_leases, release_many, rescue_expired, RescueReport};
+pub use prune::{prune_finished, PruneBatch, Retention};
 pub use read::{get, list, RunFilter};
 
 /// A `runs` row as [`query_runs!`] reads it; becomes a [`Run`].

@@ -1,0 +1,146 @@
+//! Retention: finished runs are deleted (steps and events with them) past
+//! their status's retention, capped by the tenant's `retention_days`.
+
+use std::time::Duration;
+
+use runq_shared::db::runs::Retention;
+use runq_shared::quotas::Quota;
+use runq_shared::{CreateRun, NewStep, TenantId};
+use runq_worker::maintenance::Pruner;
+use runq_worker::Worker;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::support::{echo_run, worker_config, RunningWorker, TestDb};
+
+const HOUR: f64 = 3600.0;
+
+fn failing_run() -> CreateRun {
+    let mut run = CreateRun::new(vec![NewStep::new("f", "fail", json!({}))]);
+    run.max_attempts = 1;
+    run
+}
+
+/// Moves run `id`'s finish `hours` into the past.
+async fn finished_ago(db: &TestDb, id: Uuid, hours: f64) {
+    sqlx::query("UPDATE runs SET finished_at = now() - make_interval(secs => $2) WHERE id = $1")
+        .bind(id)
+        .bind(hours * HOUR)
+        .execute(&db.pool)
+        .await
+        .expect("backdate");
+}
+
+async fn exists(db: &TestDb, id: Uuid) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM runs WHERE id = $1)")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("exists")
+}
+
+async fn set_retention_days(db: &TestDb, tenant: TenantId, days: i64) {
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let mut settings = runq_shared::db::quotas::get(&mut conn, tenant)
+        .await
+        .expect("get");
+    settings.overrides.set(Quota::RetentionDays, Some(days));
+    runq_shared::db::quotas::set(&mut conn, tenant, &settings)
+        .await
+        .expect("set");
+}
+
+/// Succeeded runs go an hour after they finished, failed ones after a day
+/// (the defaults, BullMQ's in the seed system), with their steps and
+/// events; younger finished runs and unfinished ones stay.
+#[tokio::test]
+async fn finished_runs_past_retention_are_deleted_with_their_steps_and_events() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let ok = db
+        .enqueue(
+            tenant,
+            (0..2).map(|i| echo_run(json!({ "i": i }))).collect(),
+        )
+        .await;
+    let bad = db
+        .enqueue(tenant, (0..2).map(|_| failing_run()).collect())
+        .await;
+    let worker = RunningWorker::start(Worker::new(db.pool.clone(), worker_config(4)));
+    db.wait_all_terminal(Duration::from_secs(20)).await;
+    worker.stop().await;
+    let mut later = echo_run(json!({}));
+    later.run_at = Some(chrono::Utc::now() + chrono::Duration::days(30));
+    let pending = db.enqueue(tenant, vec![later]).await.remove(0);
+    db.execute(
+        "INSERT INTO run_events (run_id, tenant_id, attempt, kind, data)
+         SELECT id, tenant_id, 1, 'log', '{}' FROM runs",
+    )
+    .await;
+
+    finished_ago(&db, ok[0].id, 2.0).await; // succeeded 2 h ago: goes
+    finished_ago(&db, ok[1].id, 0.5).await; // succeeded 30 min ago: stays
+    finished_ago(&db, bad[0].id, 2.0).await; // failed 2 h ago: stays
+    finished_ago(&db, bad[1].id, 25.0).await; // failed 25 h ago: goes
+    let pruner = Pruner::new(
+        db.pool.clone(),
+        Retention {
+            succeeded_seconds: HOUR,
+            failed_seconds: 24.0 * HOUR,
+        },
+    );
+    assert_eq!(pruner.run_once().await.expect("prune"), 2);
+    assert!(!exists(&db, ok[0].id).await);
+    assert!(exists(&db, ok[1].id).await);
+    assert!(exists(&db, bad[0].id).await);
+    assert!(!exists(&db, bad[1].id).await);
+    assert!(
+        exists(&db, pending.id).await,
+        "an unfinished run is never pruned"
+    );
+    let orphans: i64 = db
+        .scalar(
+            "SELECT (SELECT count(*) FROM run_steps s WHERE NOT EXISTS
+                        (SELECT 1 FROM runs r WHERE r.id = s.run_id))
+                  + (SELECT count(*) FROM run_events e WHERE NOT EXISTS
+                        (SELECT 1 FROM runs r WHERE r.id = e.run_id))",
+        )
+        .await;
+    assert_eq!(orphans, 0, "steps and events go with their run");
+    let events: i64 = db.scalar("SELECT count(*) FROM run_events").await;
+    assert_eq!(events, 3);
+    assert_eq!(
+        pruner.run_once().await.expect("prune"),
+        0,
+        "nothing left to do"
+    );
+}
+
+/// A tenant's `retention_days` caps how long its finished runs are kept,
+/// whatever the server's retention; a tenant without the cap keeps the
+/// server's.
+#[tokio::test]
+async fn retention_days_caps_a_tenants_retention() {
+    let db = TestDb::new().await;
+    let capped = db.tenant("capped").await;
+    let open = db.tenant("open").await;
+    set_retention_days(&db, capped, 1).await;
+    let capped_run = db.enqueue(capped, vec![failing_run()]).await.remove(0);
+    let open_run = db.enqueue(open, vec![failing_run()]).await.remove(0);
+    let worker = RunningWorker::start(Worker::new(db.pool.clone(), worker_config(2)));
+    db.wait_all_terminal(Duration::from_secs(20)).await;
+    worker.stop().await;
+    finished_ago(&db, capped_run.id, 30.0).await;
+    finished_ago(&db, open_run.id, 30.0).await;
+    // The server keeps failed runs 30 days.
+    let pruner = Pruner::new(
+        db.pool.clone(),
+        Retention {
+            succeeded_seconds: 30.0 * 24.0 * HOUR,
+            failed_seconds: 30.0 * 24.0 * HOUR,
+        },
+    );
+    assert_eq!(pruner.run_once().await.expect("prune"), 1);
+    assert!(!exists(&db, capped_run.id).await, "capped at 1 day");
+    assert!(exists(&db, open_run.id).await, "kept 30 days");
+}
