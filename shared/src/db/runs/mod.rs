@@ -6,6 +6,7 @@
 //! - [`complete`]: a worker's checkpoints and outcomes.
 //! - [`lease`]: heartbeats, graceful hand-back and the rescuer.
 //! - [`read`]: what clients read.
+//! - [`stream`]: what a run's live event stream reads.
 //! - [`admin`]: what clients change (cancel, retry, bulk retry).
 //!
 //! Each state change of a run writes its outbox row in the same statement, so
@@ -53,6 +54,7 @@ pub mod complete;
 pub mod enqueue;
 pub mod lease;
 pub mod read;
+pub mod stream;
 
 pub use admin::{cancel, retry, retry_many};
 pub use claim::claim;
