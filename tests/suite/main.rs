@@ -19,4 +19,5 @@ mod load;
 mod properties;
 mod quotas;
 mod shutdown;
+mod streams;
 mod tenancy;
