@@ -277,10 +277,11 @@ impl StreamsApi {
     /// Latency is about a quarter of a second: the run is looked at every
     /// 250 ms, and an event waits until no transaction that could still
     /// commit an earlier one is running. A comment line (`:`) goes out every
-    /// `RUNQ_STREAM_KEEP_ALIVE_SECONDS` (default 15) while nothing happens. Another tenant's run, like an unknown
-    /// id, is 404. A tenant may hold `RUNQ_MAX_STREAMS_PER_TENANT` (default
-    /// 50) streams open on one API process, which serves
-    /// `RUNQ_MAX_STREAMS` (default 1,000) in all; more get 429.
+    /// `RUNQ_STREAM_KEEP_ALIVE_SECONDS` (default 15) while nothing happens.
+    /// Another tenant's run, like an unknown id, is 404. A tenant may hold
+    /// `RUNQ_MAX_STREAMS_PER_TENANT` (default 50) streams open on one API
+    /// process, which serves `RUNQ_MAX_STREAMS` (default 1,000) in all;
+    /// more get 429.
     #[oai(
         path = "/runs/:id/events/stream",
         method = "get",
