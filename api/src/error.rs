@@ -14,6 +14,8 @@ use runq_shared::{DbError, Problem};
 
 /// Seconds a client should wait before retrying when the database is away.
 const RETRY_AFTER_SECONDS: &str = "1";
+/// Seconds a client should wait before opening a stream again after 429.
+const STREAMS_RETRY_AFTER_SECONDS: &str = "5";
 
 /// Everything a request can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,6 +72,10 @@ pub enum ApiError {
     /// `X-RateLimit-*` and `Retry-After` headers.
     #[error("this token's ingest limit of {} events per minute is used up; retry in {} s", .0.limit, .0.reset_seconds)]
     RateLimited(RateLimit),
+    /// Too many event streams are open: the tenant's on this process, or
+    /// the process's in all.
+    #[error("{0}")]
+    TooManyStreams(String),
     /// The database cannot be reached right now.
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
@@ -117,6 +123,11 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate-limited",
                 "Too many requests",
+            ),
+            ApiError::TooManyStreams(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-streams",
+                "Too many streams",
             ),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -258,6 +269,12 @@ impl ResponseError for ApiError {
                     HeaderValue::from_static(RETRY_AFTER_SECONDS),
                 );
             }
+            ApiError::TooManyStreams(_) => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(STREAMS_RETRY_AFTER_SECONDS),
+                );
+            }
             ApiError::Unauthorized(_) => {
                 response
                     .headers_mut()
@@ -360,7 +377,10 @@ const PROBLEM_STATUSES: [(u16, &str); 10] = [
          last 24 hours; `detail` and the extension members `quota`, `limit`, `used` and \
          `resets_at` say which and until when) or a token's ingest limit (events per \
          minute). `Retry-After` and `X-RateLimit-Reset` give the seconds until enough \
-         frees up, `X-RateLimit-Limit` and `X-RateLimit-Remaining` the figures",
+         frees up, `X-RateLimit-Limit` and `X-RateLimit-Remaining` the figures. On the \
+         event streams: too many open, the tenant's on one API process \
+         (`RUNQ_MAX_STREAMS_PER_TENANT`) or the process's (`RUNQ_MAX_STREAMS`), with \
+         `Retry-After`",
     ),
     (
         503,

@@ -15,6 +15,7 @@ pub mod projects;
 pub mod quotas;
 pub mod runs;
 mod spec;
+mod streams;
 pub mod tokens;
 pub mod webhooks;
 
@@ -25,6 +26,7 @@ use poem_openapi::{ApiResponse, OpenApi, OpenApiService};
 use runq_shared::config::ApiConfig;
 use sqlx::PgPool;
 use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditApi;
 use crate::error::ApiError;
@@ -33,6 +35,7 @@ use crate::params::{Asked, Parameters};
 use crate::projects::ProjectsApi;
 use crate::quotas::QuotasApi;
 use crate::runs::RunsApi;
+use crate::streams::{Hub, StreamsApi};
 use crate::tokens::TokensApi;
 use crate::webhooks::WebhooksApi;
 
@@ -76,6 +79,7 @@ impl HealthApi {
 /// Every group of endpoints.
 type Apis = (
     RunsApi,
+    StreamsApi,
     IngestApi,
     ProjectsApi,
     TokensApi,
@@ -85,10 +89,18 @@ type Apis = (
     HealthApi,
 );
 
-fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<Apis, ()> {
+/// The endpoints; event streams end when `closing` is cancelled.
+fn service(
+    pool: PgPool,
+    config: &ApiConfig,
+    closing: CancellationToken,
+) -> OpenApiService<Apis, ()> {
     let runs = RunsApi {
         pool: pool.clone(),
         step_kinds: config.step_kinds.clone(),
+    };
+    let streams = StreamsApi {
+        hub: std::sync::Arc::new(Hub::new(pool.clone(), config, closing)),
     };
     let ingest = IngestApi {
         pool: pool.clone(),
@@ -102,6 +114,7 @@ fn service(pool: PgPool, config: &ApiConfig) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             runs,
+            streams,
             ingest,
             projects,
             tokens,
@@ -129,6 +142,9 @@ pub fn spec() -> String {
         max_body_bytes: 0,
         step_kinds: Vec::new(),
         max_events_per_minute: 300,
+        max_streams: 0,
+        max_streams_per_tenant: 0,
+        stream_keep_alive_seconds: 15,
     };
     // The pool is never used: building the document makes no connection, and
     // without lifetimes or minimum connections it spawns no maintenance task,
@@ -139,12 +155,19 @@ pub fn spec() -> String {
         .min_connections(0)
         .connect_lazy("postgres://localhost/spec")
         .expect("a constant URL parses");
-    spec::finish(&service(pool, &config).spec())
+    spec::finish(&service(pool, &config, CancellationToken::new()).spec())
 }
 
 /// The whole application: routes, docs, body limit and problem+json errors.
+/// Its event streams never end by themselves; [`serve`] ends them when it
+/// shuts down.
 pub fn app(pool: PgPool, config: &ApiConfig) -> impl Endpoint {
-    let api = service(pool.clone(), config);
+    app_until(pool, config, CancellationToken::new())
+}
+
+/// [`app`], with event streams that end when `closing` is cancelled.
+fn app_until(pool: PgPool, config: &ApiConfig, closing: CancellationToken) -> impl Endpoint {
+    let api = service(pool.clone(), config, closing);
     let docs = api.swagger_ui();
     let document = spec::for_deployment(&spec::finish(&api.spec()), &config.step_kinds);
     let parameters = std::sync::Arc::new(Parameters::new(&document));
@@ -224,10 +247,27 @@ pub async fn serve(
     config: &ApiConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let shutdown: Shutdown = Box::pin(shutdown);
+    let (app, shutdown) = closing_streams(pool, config, shutdown);
     Server::new(TcpListener::bind(config.listen.clone()))
-        .run_with_graceful_shutdown(app(pool, config), shutdown, None)
+        .run_with_graceful_shutdown(app, shutdown, None)
         .await
+}
+
+/// The app and a shutdown signal that also ends its event streams: they
+/// never end by themselves, and a graceful shutdown waits for every open
+/// response.
+fn closing_streams(
+    pool: PgPool,
+    config: &ApiConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (impl Endpoint, Shutdown) {
+    let closing = CancellationToken::new();
+    let app = app_until(pool, config, closing.clone());
+    let shutdown: Shutdown = Box::pin(async move {
+        shutdown.await;
+        closing.cancel();
+    });
+    (app, shutdown)
 }
 
 /// Serves the API on an already bound listener (tests and `runq dev` bind port 0).
@@ -244,8 +284,8 @@ pub async fn serve_on(
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let acceptor = poem::listener::TcpAcceptor::from_tokio(listener)?;
-    let shutdown: Shutdown = Box::pin(shutdown);
+    let (app, shutdown) = closing_streams(pool, config, shutdown);
     Server::new_with_acceptor(acceptor)
-        .run_with_graceful_shutdown(app(pool, config), shutdown, None)
+        .run_with_graceful_shutdown(app, shutdown, None)
         .await
 }

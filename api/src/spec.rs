@@ -64,10 +64,13 @@ fn add_extra_schemas(document: &mut Value) {
 ///   stateful testers know where an id comes from.
 /// - `metadata` of a new run is stated to be an object, as the server requires,
 ///   and the production override's confirmations as required `true`s.
+/// - The item of an event stream that is one of several types is written in
+///   place (see [`inline_stream_unions`]).
 pub(crate) fn portable(document: &mut Value) {
     if let Some(top) = document.as_object_mut() {
         top.remove("webhooks");
     }
+    inline_stream_unions(document);
     link_created_runs(document);
     object_metadata(document);
     confirmations_required(document);
@@ -93,6 +96,76 @@ fn object_metadata(document: &mut Value) {
         .and_then(Value::as_object_mut)
     {
         metadata.insert("type".to_owned(), Value::String("object".to_owned()));
+    }
+}
+
+/// The items of an event stream (`text/event-stream`, an array of
+/// `format: event-stream`) that may be one of several types are a
+/// poem-openapi union, a component of `anyOf` alone. Generators make no
+/// model of such a component (openapi-python-client writes the union where
+/// it is used), so the union is written into the stream's schema and the
+/// component dropped once nothing else refers to it; its members stay
+/// components.
+fn inline_stream_unions(document: &mut Value) {
+    let mut inlined = std::collections::BTreeSet::new();
+    let unions: Map<String, Value> = document
+        .pointer("/components/schemas")
+        .and_then(Value::as_object)
+        .map(|schemas| {
+            schemas
+                .iter()
+                .filter(|(_, schema)| {
+                    schema.get("anyOf").is_some() || schema.get("oneOf").is_some()
+                })
+                .map(|(name, schema)| (name.clone(), schema.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if unions.is_empty() {
+        return;
+    }
+    let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let responses = paths
+        .values_mut()
+        .filter_map(Value::as_object_mut)
+        .flat_map(|methods| methods.values_mut())
+        .filter_map(|operation| operation.get_mut("responses")?.as_object_mut())
+        .flat_map(|responses| responses.values_mut());
+    for response in responses {
+        let Some(items) = response.pointer_mut("/content/text~1event-stream/schema/items") else {
+            continue;
+        };
+        let Some(name) = schema_name(items) else {
+            continue;
+        };
+        if let Some(union) = unions.get(&name) {
+            *items = union.clone();
+            inlined.insert(name);
+        }
+    }
+    for name in inlined {
+        let reference = Value::String(format!("#/components/schemas/{name}"));
+        if !refers_to(document, &reference) {
+            if let Some(schemas) = document
+                .pointer_mut("/components/schemas")
+                .and_then(Value::as_object_mut)
+            {
+                schemas.remove(&name);
+            }
+        }
+    }
+}
+
+/// Whether any `$ref` in `value` is `reference`.
+fn refers_to(value: &Value, reference: &Value) -> bool {
+    match value {
+        Value::Object(map) => {
+            map.get("$ref") == Some(reference) || map.values().any(|v| refers_to(v, reference))
+        }
+        Value::Array(items) => items.iter().any(|v| refers_to(v, reference)),
+        _ => false,
     }
 }
 
@@ -124,7 +197,13 @@ fn confirmations_required(document: &mut Value) {
 }
 
 /// Operations that take a run's id in their path, by operation id.
-const RUN_OPERATIONS: [&str; 4] = ["get_run", "list_run_events", "cancel_run", "retry_run"];
+const RUN_OPERATIONS: [&str; 5] = [
+    "get_run",
+    "list_run_events",
+    "stream_run_events",
+    "cancel_run",
+    "retry_run",
+];
 
 /// Adds `links` from the answers of `POST /v1/runs` (the run) and
 /// `POST /v1/runs/batch` (its first run) to every operation on one run.
@@ -380,7 +459,12 @@ pub(crate) fn expected(document: &Value, schema: &Value) -> String {
                 (Some(low), Some(high)) => format!("a string of {low} to {high} characters"),
                 (None, Some(high)) => format!("a string of at most {high} characters"),
                 (Some(low), None) => format!("a string of at least {low} characters"),
-                (None, None) => "a string".to_owned(),
+                // A pattern that is the whole constraint (an id's shape) is
+                // said; beside a length it only refuses control characters.
+                (None, None) => match schema.get("pattern").and_then(Value::as_str) {
+                    Some(pattern) => format!("a string matching {pattern}"),
+                    None => "a string".to_owned(),
+                },
             },
         },
         Some("array") => match (count("minItems"), count("maxItems")) {
@@ -459,6 +543,14 @@ mod tests {
                 "an integer from 1 to 100",
             ),
             (json!({ "type": "string", "format": "uuid" }), "a UUID"),
+            (
+                json!({ "type": "string", "pattern": "^[0-9]+-[0-9]+$" }),
+                "a string matching ^[0-9]+-[0-9]+$",
+            ),
+            (
+                json!({ "type": "string", "maxLength": 64, "pattern": "^[a-z]*$" }),
+                "a string of at most 64 characters",
+            ),
             (
                 json!({ "type": "array", "minItems": 1, "maxItems": 64 }),
                 "an array of 1 to 64 items",

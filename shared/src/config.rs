@@ -49,6 +49,25 @@ pub struct ApiConfig {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub max_events_per_minute: u32,
+    /// Event streams (`GET /v1/runs/{id}/events/stream`, `GET
+    /// /v1/events/stream`) this process serves at once; more get 429.
+    #[arg(long, env = "RUNQ_MAX_STREAMS", default_value_t = 1_000)]
+    pub max_streams: usize,
+    /// Event streams one tenant may hold open on this process at once; more
+    /// get 429.
+    #[arg(long, env = "RUNQ_MAX_STREAMS_PER_TENANT", default_value_t = 50)]
+    pub max_streams_per_tenant: usize,
+    /// Seconds between the comment lines an event stream sends while it has
+    /// nothing else to send, so proxies do not cut it as idle. The server
+    /// notices a client that left only when writing to it, so a departed
+    /// client's stream ends within two of these.
+    #[arg(
+        long,
+        env = "RUNQ_STREAM_KEEP_ALIVE_SECONDS",
+        default_value_t = 15,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub stream_keep_alive_seconds: u64,
 }
 
 /// A worker process.

@@ -183,6 +183,9 @@ impl ApiServer {
             max_body_bytes: MAX_BODY_BYTES,
             step_kinds: Vec::new(),
             max_events_per_minute: 300,
+            max_streams: 1_000,
+            max_streams_per_tenant: 50,
+            stream_keep_alive_seconds: 15,
         };
         let stop = CancellationToken::new();
         let shutdown = stop.clone().cancelled_owned();

@@ -54,6 +54,8 @@ fn spec_describes_every_payload() {
         "DeliveryPage",
         "RunSnapshot",
         "StepInput",
+        "RunEvent",
+        "StepProgress",
     ] {
         assert!(schemas.contains_key(name), "schema {name} is missing");
     }
@@ -262,6 +264,66 @@ fn serde_and_openapi_forms_agree() {
             result: None,
         },
     });
+    let change = runq_shared::RunEvent {
+        id: "evt_7".into(),
+        version: runq_shared::RUN_EVENT_VERSION,
+        event_type: EventType::Succeeded,
+        occurred_at: now,
+        run: RunSnapshot {
+            id: uuid::Uuid::now_v7(),
+            tenant_id: uuid::Uuid::now_v7(),
+            queue: "q".into(),
+            status: RunStatus::Succeeded,
+            attempt: 1,
+            max_attempts: 3,
+            run_at: now,
+            error: None,
+            result: Some(json!({ "ok": true })),
+        },
+    };
+    agree(change.clone());
+    // A run stream's item is one of three types, told apart by their fields
+    // the same way by serde (untagged) and poem-openapi (the union).
+    agree(runq_shared::RunStreamItem::StateChange(change));
+    for (progress_type, status, finished_at, error) in [
+        (
+            runq_shared::StepProgressType::Started,
+            StepStatus::Pending,
+            None,
+            None,
+        ),
+        (
+            runq_shared::StepProgressType::Finished,
+            StepStatus::Failed,
+            Some(now),
+            Some(json!({ "reason": "step_failed", "message": "no" })),
+        ),
+    ] {
+        let progress = runq_shared::StepProgress {
+            version: runq_shared::STEP_PROGRESS_VERSION,
+            progress_type,
+            position: 1,
+            name: "b".into(),
+            kind: "http".into(),
+            attempt: 2,
+            status,
+            started_at: now,
+            finished_at,
+            error,
+        };
+        agree(progress.clone());
+        agree(runq_shared::RunStreamItem::Step(progress));
+    }
+    agree(runq_shared::RunStreamItem::Event(runq_shared::Event {
+        id: 9,
+        attempt: 1,
+        position: Some(0),
+        kind: "http.response".into(),
+        data: json!({ "status": 200 }),
+        truncated: false,
+        occurred_at: None,
+        created_at: now,
+    }));
     agree(runq_shared::IngestEvents {
         run_id: uuid::Uuid::now_v7(),
         events: vec![

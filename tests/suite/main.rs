@@ -21,5 +21,6 @@ mod properties;
 mod quotas;
 mod retention;
 mod shutdown;
+mod streams;
 mod tenancy;
 mod webhooks;

@@ -3,6 +3,11 @@
 //! ([`super::runs`]), fenced like every worker write; events a sidecar sends
 //! are written by [`insert_ingested`], under the rate limit of
 //! [`super::ingest`].
+//!
+//! Every writer must have its transaction id (have locked or written a row)
+//! before it inserts events: a run's live stream passes an event id only
+//! once every transaction that could still commit a lower one has ended,
+//! and it can only see those by their ids ([`super::runs::stream`]).
 
 use sqlx::PgConnection;
 
@@ -42,7 +47,9 @@ pub async fn list(
 /// Inserts `events` for attempt `attempt` of run `run` (no step: `position`
 /// NULL), in order, with one statement. Each event's data is stored
 /// truncated when over 64 KB ([`crate::model::truncate_event_data`]).
-/// Returns how many were stored truncated.
+/// Returns how many were stored truncated. Run it in a transaction that has
+/// written already ([`super::ingest::ingest`] charges the rate limit
+/// first), so it holds a transaction id (see the module doc).
 ///
 /// # Errors
 ///

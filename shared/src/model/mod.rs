@@ -5,7 +5,8 @@
 //! By concern, each re-exported here: the status enums that mirror Postgres
 //! (`status.rs`), what clients submit (`submit.rs`), what they read back
 //! (`run.rs`), events, outbox events and the step envelope (`event.rs`),
-//! sidecar ingest (`ingest.rs`) and webhook subscriptions (`webhook.rs`).
+//! sidecar ingest (`ingest.rs`), webhook subscriptions (`webhook.rs`) and
+//! what the live event streams send (`stream.rs`).
 
 use poem_openapi::Object;
 use serde::{Deserialize, Serialize};
@@ -54,6 +55,7 @@ mod event;
 mod ingest;
 mod run;
 mod status;
+mod stream;
 mod submit;
 mod webhook;
 
@@ -61,5 +63,6 @@ pub use event::*;
 pub use ingest::*;
 pub use run::*;
 pub use status::*;
+pub use stream::*;
 pub use submit::*;
 pub use webhook::*;

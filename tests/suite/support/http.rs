@@ -3,6 +3,7 @@
 //! that adds what they need (a second tenant's token, an ingest project).
 
 use reqwest::{Client, Response};
+use runq_shared::config::ApiConfig;
 use serde_json::Value;
 
 use super::{TestApi, TestDb};
@@ -19,7 +20,12 @@ pub struct Served {
 impl Served {
     /// Serves the API (default config) on `db`, calling it with `token`.
     pub fn start(db: TestDb, token: String) -> Self {
-        let api = TestApi::start(db.pool.clone(), TestApi::config());
+        Self::start_with(db, token, TestApi::config())
+    }
+
+    /// Serves the API with `config` on `db`, calling it with `token`.
+    pub fn start_with(db: TestDb, token: String, config: ApiConfig) -> Self {
+        let api = TestApi::start(db.pool.clone(), config);
         Served {
             db,
             api,

@@ -31,6 +31,7 @@ pub mod http;
 pub mod process;
 pub mod proxy;
 pub mod receiver;
+pub mod sse;
 pub mod target;
 
 /// Where the test server is: an admin URL (database `postgres` or the one
@@ -474,6 +475,9 @@ impl TestApi {
             max_body_bytes: 4 * 1024 * 1024,
             step_kinds: vec!["double".to_owned()],
             max_events_per_minute: 300,
+            max_streams: 1_000,
+            max_streams_per_tenant: 50,
+            stream_keep_alive_seconds: 15,
         }
     }
 }

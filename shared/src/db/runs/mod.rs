@@ -6,6 +6,7 @@
 //! - [`complete`]: a worker's checkpoints and outcomes.
 //! - [`lease`]: heartbeats, graceful hand-back and the rescuer.
 //! - [`read`]: what clients read.
+//! - [`stream`]: what a run's live event stream reads.
 //! - [`admin`]: what clients change (cancel, retry, bulk retry).
 //! - [`prune`]: deleting finished runs past retention.
 //!
@@ -55,6 +56,7 @@ pub mod enqueue;
 pub mod lease;
 pub mod prune;
 pub mod read;
+pub mod stream;
 
 pub use admin::{cancel, retry, retry_many};
 pub use claim::claim;
