@@ -56,6 +56,9 @@ impl<T: Type + DeserializeOwned + Send + 'static> ApiJson<T> {
             ));
         }
         let value: Value = serde_json::from_slice(data).map_err(not_json)?;
+        if let Some(unstorable) = runq_shared::storable::find_nul(&value) {
+            return Err(ApiError::Unprocessable(unstorable.to_string()));
+        }
         let schema = schema_of::<T>();
         let mut path = Vec::new();
         check_shape(&schema.document, &schema.root, &value, &mut path).map_err(|got| {

@@ -50,6 +50,46 @@ pub fn check_text(path: &str, text: &str) -> Result<(), Unstorable> {
 
 const NUL: &str = "contains \\u0000, which Postgres cannot store";
 
+/// The first `\u0000` anywhere in `value`, in a string or a key, named by
+/// its path from the root (`runs[3].metadata.note`): the API checks every
+/// request body with it, since every body ends up in `text` or `jsonb`.
+/// Unlike [`check`], it does not limit depth (the types that hold free-form
+/// JSON do that, relative to their own field).
+pub fn find_nul(value: &Value) -> Option<Unstorable> {
+    fn walk(path: &mut String, value: &Value) -> Option<Unstorable> {
+        match value {
+            Value::String(text) if text.contains('\0') => Some(Unstorable {
+                path: path.trim_start_matches('.').to_owned(),
+                problem: NUL,
+            }),
+            Value::Array(items) => items.iter().enumerate().find_map(|(index, item)| {
+                let len = path.len();
+                path.push_str(&format!("[{index}]"));
+                let found = walk(path, item);
+                path.truncate(len);
+                found
+            }),
+            Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+                let len = path.len();
+                path.push('.');
+                path.push_str(&key.replace('\0', "\\u0000"));
+                let found = if key.contains('\0') {
+                    Some(Unstorable {
+                        path: path.trim_start_matches('.').to_owned(),
+                        problem: "is a key containing \\u0000, which Postgres cannot store",
+                    })
+                } else {
+                    walk(path, item)
+                };
+                path.truncate(len);
+                found
+            }),
+            _ => None,
+        }
+    }
+    walk(&mut String::new(), value)
+}
+
 fn walk(path: &mut String, value: &Value, depth: usize) -> Result<(), Unstorable> {
     if depth > MAX_DEPTH {
         return Err(Unstorable {

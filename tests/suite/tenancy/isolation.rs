@@ -64,7 +64,11 @@ async fn another_tenants_ids_answer_404_and_change_nothing() {
     let cases: Vec<(Method, String, Option<Value>)> = vec![
         (Method::GET, format!("/v1/runs/{run_id}"), None),
         (Method::GET, format!("/v1/runs/{run_id}/events"), None),
-        (Method::GET, format!("/v1/runs/{run_id}/events/stream"), None),
+        (
+            Method::GET,
+            format!("/v1/runs/{run_id}/events/stream"),
+            None,
+        ),
         (Method::POST, format!("/v1/runs/{run_id}/cancel"), None),
         (Method::POST, format!("/v1/runs/{run_id}/retry"), None),
         (Method::GET, format!("/v1/projects/{project_id}"), None),

@@ -1,6 +1,7 @@
 //! Webhooks: the relay fans the outbox out into signed deliveries; a Python
 //! receiver verifies them with the Standard Webhooks reference library.
 
+mod api;
 mod delivery;
 mod relays;
 mod safety;
