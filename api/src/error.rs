@@ -188,11 +188,13 @@ impl From<DbError> for ApiError {
             | DbError::TokenNotFound(_)
             | DbError::TenantNotFound(_)
             | DbError::WebhookNotFound(_)
+            | DbError::ScheduleNotFound(_)
             | DbError::DeliveryNotFound(_) => ApiError::NotFound(err.to_string()),
             DbError::TooManyWebhooks(_) => ApiError::Forbidden(err.to_string()),
             DbError::DeliveryInFlight(_) => ApiError::Conflict(err.to_string()),
             DbError::ProductionRefused { .. } => ApiError::Forbidden(err.to_string()),
             DbError::ProjectNameTaken(_)
+            | DbError::ScheduleNameTaken(_)
             | DbError::WrongStatus { .. }
             | DbError::RunNotIngesting { .. } => ApiError::Conflict(err.to_string()),
             DbError::Invalid(invalid) => ApiError::Unprocessable(invalid.0),

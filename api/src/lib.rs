@@ -14,6 +14,7 @@ mod params;
 pub mod projects;
 pub mod quotas;
 pub mod runs;
+pub mod schedules;
 mod spec;
 mod streams;
 pub mod tokens;
@@ -35,6 +36,7 @@ use crate::params::{Asked, Parameters};
 use crate::projects::ProjectsApi;
 use crate::quotas::QuotasApi;
 use crate::runs::RunsApi;
+use crate::schedules::SchedulesApi;
 use crate::streams::{Hub, StreamsApi};
 use crate::tokens::TokensApi;
 use crate::webhooks::WebhooksApi;
@@ -86,6 +88,7 @@ type Apis = (
     AuditApi,
     QuotasApi,
     WebhooksApi,
+    SchedulesApi,
     HealthApi,
 );
 
@@ -111,6 +114,10 @@ fn service(
     let audit = AuditApi { pool: pool.clone() };
     let quotas = QuotasApi { pool: pool.clone() };
     let webhooks = WebhooksApi { pool: pool.clone() };
+    let schedules = SchedulesApi {
+        pool: pool.clone(),
+        step_kinds: config.step_kinds.clone(),
+    };
     OpenApiService::new(
         (
             runs,
@@ -121,6 +128,7 @@ fn service(
             audit,
             quotas,
             webhooks,
+            schedules,
             HealthApi { pool },
         ),
         "runq",

@@ -55,7 +55,11 @@ pub struct RunsApi {
 /// Checks `run` (at `path` in the body, `""` for the body itself) beyond
 /// its schema: sizes in bytes, ranges, step kinds. Messages name the field by
 /// its path in the body (`runs[3].steps`).
-fn check_run(run: &CreateRun, path: &str, step_kinds: &[String]) -> Result<(), ApiError> {
+pub(crate) fn check_run(
+    run: &CreateRun,
+    path: &str,
+    step_kinds: &[String],
+) -> Result<(), ApiError> {
     let at = |field: &str| match path {
         "" => field.to_owned(),
         path => format!("{path}.{field}"),

@@ -98,6 +98,7 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             "CreateProject",
             "CreateRun",
             "CreateRuns",
+            "CreateSchedule",
             "CreateToken",
             "CreateWebhook",
             "EnableProductionOverride",
@@ -109,6 +110,7 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
             "RetryRuns",
             "TenantQuotas",
             "UpdateProject",
+            "UpdateSchedule",
             "UpdateWebhook"
         ]
     );
@@ -121,6 +123,8 @@ fn closed_schemas_are_the_types_that_refuse_unknown_fields() {
         ),
         ("UpdateProject", refuses::<runq_shared::UpdateProject>()),
         ("CreateWebhook", refuses::<runq_shared::CreateWebhook>()),
+        ("CreateSchedule", refuses::<runq_shared::CreateSchedule>()),
+        ("UpdateSchedule", refuses::<runq_shared::UpdateSchedule>()),
         ("UpdateWebhook", refuses::<runq_shared::UpdateWebhook>()),
         ("CreateRun", refuses::<CreateRun>()),
         ("CreateRuns", refuses::<runq_shared::CreateRuns>()),

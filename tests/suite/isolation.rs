@@ -379,10 +379,11 @@ async fn repeated_idempotency_key_with_a_different_request_is_refused() {
     assert_eq!(count, 1);
 }
 
-/// A `\u0000` in a filter (the list's `queue` query parameter, bulk retry's
-/// `queue`) matches nothing, since no stored queue name can hold one: the
-/// answer is an empty result, not the 500 Postgres's refusal of the
-/// parameter used to become, and no other run is touched.
+/// A `\u0000` in the list's `queue` query parameter matches nothing, since
+/// no stored queue name can hold one: the answer is an empty page, not the
+/// 500 Postgres's refusal of the parameter used to become. In bulk retry's
+/// body it is a 422 naming `queue`, as in every request body. No run is
+/// touched either way.
 #[tokio::test]
 async fn nul_in_a_queue_filter_matches_nothing() {
     let db = TestDb::new().await;
@@ -411,9 +412,10 @@ async fn nul_in_a_queue_filter_matches_nothing() {
         .send()
         .await
         .expect("retry");
-    assert_eq!(retried.status(), StatusCode::OK);
-    let retried: Value = retried.json().await.expect("retried");
-    assert_eq!(retried["ids"], json!([]));
+    assert_eq!(retried.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = retried.json().await.expect("problem");
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with("queue contains \\u0000"), "{detail}");
     assert_eq!(
         db.count_status("failed").await,
         1,

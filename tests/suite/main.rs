@@ -20,6 +20,7 @@ mod outbound;
 mod properties;
 mod quotas;
 mod retention;
+mod schedules;
 mod shutdown;
 mod streams;
 mod tenancy;

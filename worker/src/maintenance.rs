@@ -1,6 +1,7 @@
 //! Maintenance that runs inside every worker: rescuing runs whose lease
 //! expired, marking silent workers gone, trimming each tenant's events to
-//! its `stored_events` quota, and pruning finished runs past retention. Each service is coordinated
+//! its `stored_events` quota, pruning finished runs past retention, and
+//! firing cron schedules. Each service is coordinated
 //! through Postgres (`SKIP LOCKED` on the rows it changes), so any number of
 //! workers run it and none is special.
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use runq_shared::db::runs::{self, RescueReport};
 use runq_shared::db::DbError;
-use runq_shared::db::{events, quotas, workers};
+use runq_shared::db::{events, quotas, schedules, workers};
 use runq_shared::protocol::Backoff;
 use runq_shared::quotas::Quota;
 use sqlx::PgPool;
@@ -207,6 +208,68 @@ impl Pruner {
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, "pruned finished runs past retention"),
                 Err(err) => tracing::warn!(error = %err, "prune failed"),
+            }
+        }
+    }
+}
+
+/// Schedules one firing transaction handles.
+const FIRE_BATCH: i64 = 100;
+
+/// Fires due cron schedules: each tick's run exactly once across the fleet.
+#[derive(Clone)]
+pub struct Scheduler {
+    pool: PgPool,
+}
+
+impl Scheduler {
+    /// A scheduler on `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Fires every due schedule (in transactions of 100) and returns the
+    /// total.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn run_once(&self) -> Result<schedules::FireReport, DbError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut total = schedules::FireReport::default();
+        loop {
+            let report = schedules::fire_due(&mut conn, FIRE_BATCH).await?;
+            total.fired += report.fired;
+            total.failed += report.failed;
+            if report.fired + report.failed < FIRE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Calls [`Scheduler::run_once`] every `every` until `shutdown` fires.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: an interrupted pass rolls back, and its ticks stay due.
+    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.run_once().await {
+                Ok(report) if report.fired + report.failed > 0 => {
+                    tracing::info!(
+                        fired = report.fired,
+                        failed = report.failed,
+                        "fired schedules"
+                    );
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "firing schedules failed"),
             }
         }
     }

@@ -26,7 +26,7 @@ use crate::completer::Completer;
 use crate::executor::Context;
 use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
-use crate::maintenance::{EventTrimmer, Pruner, Rescuer};
+use crate::maintenance::{EventTrimmer, Pruner, Rescuer, Scheduler};
 use crate::outbound::OutboundPolicy;
 use crate::relay::Relay;
 use crate::services::{guard_leases, heartbeat, lease_guard, listen};
@@ -271,6 +271,10 @@ impl Worker {
             failed_seconds: config.retain_failed_hours * 3600.0,
         };
         services.spawn(Pruner::new(self.pool.clone(), retention).run(PRUNE_EVERY, stop.clone()));
+        services.spawn(
+            Scheduler::new(self.pool.clone())
+                .run(Duration::from_millis(config.maintenance_ms), stop.clone()),
+        );
         if config.relay.enabled {
             match Relay::new(
                 self.pool.clone(),

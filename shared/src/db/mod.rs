@@ -16,6 +16,7 @@ pub mod outbox;
 pub mod projects;
 pub mod quotas;
 pub mod runs;
+pub mod schedules;
 pub mod steps;
 pub mod tenants;
 pub mod tokens;
@@ -82,6 +83,12 @@ pub enum DbError {
     /// No token with this id is visible to the tenant.
     #[error("token {0} not found")]
     TokenNotFound(uuid::Uuid),
+    /// No schedule with this id is visible to the tenant.
+    #[error("schedule {0} not found")]
+    ScheduleNotFound(uuid::Uuid),
+    /// Another schedule of the tenant has this name.
+    #[error("a schedule named '{0}' already exists")]
+    ScheduleNameTaken(String),
     /// No webhook subscription with this id is visible to the tenant.
     #[error("webhook {0} not found")]
     WebhookNotFound(uuid::Uuid),

@@ -54,6 +54,7 @@ pub struct Problem {
 mod event;
 mod ingest;
 mod run;
+mod schedule;
 mod status;
 mod stream;
 mod submit;
@@ -62,6 +63,7 @@ mod webhook;
 pub use event::*;
 pub use ingest::*;
 pub use run::*;
+pub use schedule::*;
 pub use status::*;
 pub use stream::*;
 pub use submit::*;

@@ -15,6 +15,7 @@ async fn snapshot(db: &TestDb, tenant: TenantId) -> String {
             (SELECT string_agg(a::text, ',' ORDER BY a.id) FROM audit_log a WHERE tenant_id = $1),
             (SELECT string_agg(o::text, ',' ORDER BY o.id) FROM outbox o WHERE tenant_id = $1),
             (SELECT string_agg(w::text, ',' ORDER BY w.id) FROM webhooks w WHERE tenant_id = $1),
+            (SELECT string_agg(s::text, ',' ORDER BY s.id) FROM schedules s WHERE tenant_id = $1),
             (SELECT string_agg(d::text, ',' ORDER BY d.id) FROM webhook_deliveries d
                WHERE tenant_id = $1))",
     )
@@ -57,6 +58,22 @@ async fn another_tenants_ids_answer_404_and_change_nothing() {
     )
     .await;
     let webhook_id = webhook.id;
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let schedule_id = db::schedules::create(
+        &mut conn,
+        acme,
+        &runq_shared::CreateSchedule {
+            name: "nightly".to_owned(),
+            cron: "0 3 * * *".to_owned(),
+            timezone: None,
+            run: echo_run(json!({})),
+            enabled: None,
+        },
+    )
+    .await
+    .expect("schedule")
+    .id;
+    drop(conn);
     let before = snapshot(&db, acme).await;
 
     let run_id = run.id;
@@ -89,6 +106,13 @@ async fn another_tenants_ids_answer_404_and_change_nothing() {
             None,
         ),
         (Method::DELETE, format!("/v1/tokens/{acme_token}"), None),
+        (Method::GET, format!("/v1/schedules/{schedule_id}"), None),
+        (
+            Method::PATCH,
+            format!("/v1/schedules/{schedule_id}"),
+            Some(json!({ "enabled": false })),
+        ),
+        (Method::DELETE, format!("/v1/schedules/{schedule_id}"), None),
         (Method::GET, format!("/v1/webhooks/{webhook_id}"), None),
         (
             Method::PATCH,
@@ -134,11 +158,12 @@ async fn another_tenants_ids_answer_404_and_change_nothing() {
         "/v1/tokens",
         "/v1/audit",
         "/v1/webhooks",
+        "/v1/schedules",
     ] {
         let (status, page) = call(&api, &intruder, Method::GET, path, None).await;
         assert_eq!(status, StatusCode::OK, "{path}");
         let text = page.to_string();
-        for id in [run_id, project_id, acme_token, webhook_id] {
+        for id in [run_id, project_id, acme_token, webhook_id, schedule_id] {
             assert!(!text.contains(&id.to_string()), "{path} shows {id}: {text}");
         }
     }
