@@ -12,6 +12,7 @@ pub mod error;
 pub mod ingest;
 mod params;
 pub mod projects;
+pub mod queues;
 pub mod quotas;
 pub mod runs;
 pub mod schedules;
@@ -34,6 +35,7 @@ use crate::error::ApiError;
 use crate::ingest::IngestApi;
 use crate::params::{Asked, Parameters};
 use crate::projects::ProjectsApi;
+use crate::queues::QueuesApi;
 use crate::quotas::QuotasApi;
 use crate::runs::RunsApi;
 use crate::schedules::SchedulesApi;
@@ -89,6 +91,7 @@ type Apis = (
     QuotasApi,
     WebhooksApi,
     SchedulesApi,
+    QueuesApi,
     HealthApi,
 );
 
@@ -114,6 +117,7 @@ fn service(
     let audit = AuditApi { pool: pool.clone() };
     let quotas = QuotasApi { pool: pool.clone() };
     let webhooks = WebhooksApi { pool: pool.clone() };
+    let queues = QueuesApi { pool: pool.clone() };
     let schedules = SchedulesApi {
         pool: pool.clone(),
         step_kinds: config.step_kinds.clone(),
@@ -129,6 +133,7 @@ fn service(
             quotas,
             webhooks,
             schedules,
+            queues,
             HealthApi { pool },
         ),
         "runq",

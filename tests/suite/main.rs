@@ -18,6 +18,7 @@ mod isolation;
 mod load;
 mod outbound;
 mod properties;
+mod queues;
 mod quotas;
 mod retention;
 mod schedules;

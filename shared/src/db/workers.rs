@@ -84,3 +84,31 @@ pub enum Service {
     /// The lease rescuer.
     Rescuer = 0x7275_6e71_0001,
 }
+
+/// Workers that have not stopped and heartbeated within `stale_ms`, oldest
+/// first, each with the runs it holds now.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn live(
+    conn: &mut PgConnection,
+    stale_ms: i64,
+) -> Result<Vec<crate::model::WorkerInfo>, DbError> {
+    Ok(sqlx::query_as!(
+        crate::model::WorkerInfo,
+        r#"
+        SELECT w.id, w.hostname, w.pid, w.queues, w.concurrency,
+               (SELECT count(*) FROM runs r WHERE r.status = 'running' AND r.locked_by = w.id)
+                   AS "in_flight!",
+               w.started_at, w.last_heartbeat_at
+        FROM workers w
+        WHERE w.stopped_at IS NULL
+          AND w.last_heartbeat_at > now() - make_interval(secs => $1::bigint / 1000.0)
+        ORDER BY w.started_at, w.id
+        "#,
+        stale_ms,
+    )
+    .fetch_all(&mut *conn)
+    .await?)
+}

@@ -53,6 +53,7 @@ pub struct Problem {
 
 mod event;
 mod ingest;
+mod queue;
 mod run;
 mod schedule;
 mod status;
@@ -62,6 +63,7 @@ mod webhook;
 
 pub use event::*;
 pub use ingest::*;
+pub use queue::*;
 pub use run::*;
 pub use schedule::*;
 pub use status::*;

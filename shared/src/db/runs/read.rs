@@ -125,3 +125,44 @@ pub async fn ingest_attempt(
     }
     Ok(row.attempt)
 }
+
+/// `tenant`'s runs per queue (only `queue` when given), with counts by
+/// status, the oldest due pending run's wait and the last minute's starts
+/// and finishes. Queues it has no runs in are absent.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn queue_stats(
+    conn: &mut PgConnection,
+    tenant: TenantId,
+    queue: Option<&str>,
+) -> Result<Vec<crate::model::QueueStats>, DbError> {
+    Ok(sqlx::query_as!(
+        crate::model::QueueStats,
+        r#"
+        SELECT queue AS "name!",
+               count(*) FILTER (WHERE status = 'pending') AS "pending!",
+               count(*) FILTER (WHERE status = 'running') AS "running!",
+               count(*) FILTER (WHERE status = 'succeeded') AS "succeeded!",
+               count(*) FILTER (WHERE status = 'failed') AS "failed!",
+               count(*) FILTER (WHERE status = 'stopped_quota') AS "stopped_quota!",
+               count(*) FILTER (WHERE status = 'cancelled') AS "cancelled!",
+               extract(epoch FROM now() - min(run_at)
+                       FILTER (WHERE status = 'pending' AND run_at <= now()))::float8
+                   AS oldest_pending_seconds,
+               count(*) FILTER (WHERE started_at > now() - interval '1 minute')
+                   AS "started_last_minute!",
+               count(*) FILTER (WHERE finished_at > now() - interval '1 minute')
+                   AS "finished_last_minute!"
+        FROM runs
+        WHERE tenant_id = $1 AND ($2::text IS NULL OR queue = $2)
+        GROUP BY queue
+        ORDER BY queue
+        "#,
+        tenant,
+        queue,
+    )
+    .fetch_all(&mut *conn)
+    .await?)
+}
