@@ -15,6 +15,32 @@ use runq_shared::quotas::Quota;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// Calls `pass` every `every` until `shutdown` fires, handing each result to
+/// `report`: the loop every maintenance service runs.
+///
+/// # Cancel safety
+///
+/// Cancel-safe when `pass` is: each service's pass rolls back when dropped.
+async fn every<T, F, Fut>(
+    every: Duration,
+    shutdown: CancellationToken,
+    mut pass: F,
+    report: impl Fn(Result<T, DbError>),
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        report(pass().await);
+    }
+}
+
 /// Most runs one rescue statement takes back.
 const RESCUE_BATCH: i64 = 1_000;
 
@@ -68,15 +94,12 @@ impl Rescuer {
     /// # Cancel safety
     ///
     /// Cancel-safe: a pass interrupted mid-statement rolls back.
-    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.run_once().await {
+    pub async fn run(self, period: Duration, shutdown: CancellationToken) {
+        every(
+            period,
+            shutdown,
+            || self.run_once(),
+            |done| match done {
                 Ok(report) if report.retried + report.failed + report.cancelled > 0 => {
                     tracing::info!(
                         retried = report.retried,
@@ -87,8 +110,9 @@ impl Rescuer {
                 }
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "rescue pass failed"),
-            }
-        }
+            },
+        )
+        .await;
     }
 }
 
@@ -135,20 +159,18 @@ impl EventTrimmer {
     /// # Cancel safety
     ///
     /// Cancel-safe: an interrupted statement rolls back.
-    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.run_once().await {
+    pub async fn run(self, period: Duration, shutdown: CancellationToken) {
+        every(
+            period,
+            shutdown,
+            || self.run_once(),
+            |done| match done {
                 Ok(0) => {}
                 Ok(trimmed) => tracing::info!(trimmed, "trimmed events past stored_events quotas"),
                 Err(err) => tracing::warn!(error = %err, "event trim failed"),
-            }
-        }
+            },
+        )
+        .await;
     }
 }
 
@@ -196,20 +218,18 @@ impl Pruner {
     /// # Cancel safety
     ///
     /// Cancel-safe: an interrupted batch rolls back.
-    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.run_once().await {
+    pub async fn run(self, period: Duration, shutdown: CancellationToken) {
+        every(
+            period,
+            shutdown,
+            || self.run_once(),
+            |done| match done {
                 Ok(0) => {}
                 Ok(pruned) => tracing::info!(pruned, "pruned finished runs past retention"),
                 Err(err) => tracing::warn!(error = %err, "prune failed"),
-            }
-        }
+            },
+        )
+        .await;
     }
 }
 
@@ -252,15 +272,12 @@ impl Scheduler {
     /// # Cancel safety
     ///
     /// Cancel-safe: an interrupted pass rolls back, and its ticks stay due.
-    pub async fn run(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.run_once().await {
+    pub async fn run(self, period: Duration, shutdown: CancellationToken) {
+        every(
+            period,
+            shutdown,
+            || self.run_once(),
+            |done| match done {
                 Ok(report) if report.fired + report.failed > 0 => {
                     tracing::info!(
                         fired = report.fired,
@@ -270,7 +287,8 @@ impl Scheduler {
                 }
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "firing schedules failed"),
-            }
-        }
+            },
+        )
+        .await;
     }
 }
