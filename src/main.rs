@@ -80,6 +80,12 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Pause, resume and limit queues fleet-wide, directly in the database
+    /// (for an operator).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
     /// Submit a run through the API.
     Enqueue(client::EnqueueArgs),
     /// Show a run, its steps and its failed attempts; the exit status says
@@ -125,6 +131,45 @@ enum TenantCommand {
         #[arg(long = "set", value_name = "QUOTA=VALUE", value_parser = runq_shared::quotas::parse_setting)]
         set: Vec<(runq_shared::quotas::Quota, Option<i64>)>,
     },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Change queue NAME's settings and print them as JSON. Workers honour
+    /// them from their next claim.
+    Set {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The queue's name.
+        name: String,
+        /// Stop claims from it (running runs finish).
+        #[arg(long, conflicts_with = "resume")]
+        pause: bool,
+        /// Let workers claim from it again.
+        #[arg(long)]
+        resume: bool,
+        /// Most runs of the queue running at once across the fleet, or `none`.
+        #[arg(long, value_parser = parse_limit::<i32>)]
+        concurrency: Option<Option<i32>>,
+        /// Most runs of the queue started per second across the fleet, or `none`.
+        #[arg(long, value_parser = parse_limit::<f64>)]
+        rate: Option<Option<f64>>,
+    },
+    /// Print every queue with settings as JSON.
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+/// `none` or a number.
+fn parse_limit<T: std::str::FromStr>(text: &str) -> Result<Option<T>, String> {
+    if text == "none" {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| format!("'{text}' is neither a number nor 'none'"))
 }
 
 #[derive(Subcommand)]
@@ -244,6 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Tenant { command } => tenant_command(command).await?,
         Command::Token { command } => token_command(command).await?,
+        Command::Queue { command } => queue_command(command).await?,
         Command::Enqueue(args) => client::enqueue(args).await?,
         Command::Status(args) => return client::status(args).await,
         Command::Tail(args) => return client::tail(args).await,
@@ -303,6 +349,37 @@ async fn tenant_command(command: TenantCommand) -> anyhow::Result<()> {
             let report = db::quotas::report(&mut tx, tenant).await?;
             tx.commit().await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(())
+}
+
+/// `runq queue ...`: straight against the database.
+async fn queue_command(command: QueueCommand) -> anyhow::Result<()> {
+    match command {
+        QueueCommand::Set {
+            database,
+            name,
+            pause,
+            resume,
+            concurrency,
+            rate,
+        } => {
+            let pool = connect(&database, true).await?;
+            let mut conn = pool.acquire().await?;
+            let change = db::queues::QueueChange {
+                paused: (pause || resume).then_some(pause),
+                concurrency,
+                rate_per_second: rate,
+            };
+            let settings = db::queues::set(&mut conn, &name, &change).await?;
+            println!("{}", serde_json::to_string_pretty(&settings)?);
+        }
+        QueueCommand::List { database } => {
+            let pool = connect(&database, true).await?;
+            let mut conn = pool.acquire().await?;
+            let queues = db::queues::list(&mut conn).await?;
+            println!("{}", serde_json::to_string_pretty(&queues)?);
         }
     }
     Ok(())

@@ -12,6 +12,7 @@ mod dev;
 mod events;
 mod execution;
 mod faults;
+mod flow;
 mod hardening;
 mod ingest;
 mod isolation;

@@ -14,6 +14,7 @@ pub mod events;
 pub mod ingest;
 pub mod outbox;
 pub mod projects;
+pub mod queues;
 pub mod quotas;
 pub mod runs;
 pub mod schedules;

@@ -30,6 +30,25 @@ pub struct QueueStats {
     pub started_last_minute: i64,
     /// Runs that reached a final state in the last minute.
     pub finished_last_minute: i64,
+    /// Whether the queue is paused (workers claim nothing from it).
+    pub paused: bool,
+    /// Most runs of the queue running at once across the fleet, if limited.
+    pub concurrency_limit: Option<i32>,
+    /// Most runs of the queue started per second across the fleet, if limited.
+    pub rate_limit_per_second: Option<f64>,
+}
+
+/// A queue's settings, fleet-wide (`runq queue set`).
+#[derive(Object, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct QueueSettings {
+    /// The queue's name.
+    pub name: String,
+    /// Workers claim nothing from a paused queue; running runs finish.
+    pub paused: bool,
+    /// Most runs running at once across the fleet (null: no limit).
+    pub concurrency: Option<i32>,
+    /// Most runs started per second across the fleet (null: no limit).
+    pub rate_per_second: Option<f64>,
 }
 
 /// The answer of `GET /v1/queues`.

@@ -2,7 +2,7 @@
 //! batch, each claimed run under a new lease token with its `run.started` row.
 
 use sqlx::types::Json;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 
 use crate::db::DbError;
 use crate::model::WorkerId;
@@ -12,7 +12,12 @@ use crate::tenancy::StepProject;
 
 /// Claims up to `limit` pending runs of `queues` for `worker`, FIFO within a
 /// priority (DESIGN.md, Claim), with a lease of `lease_ms`, writing a
-/// `run.started` outbox row for each. One statement, one commit.
+/// `run.started` outbox row for each, honouring the queues' settings
+/// (`queues` table): a paused queue gives nothing, and a queue with a
+/// concurrency or rate limit is claimed under its settings row's lock, no
+/// more than its free slots and tokens allow. Queues without settings are
+/// claimed in one statement, one commit; a probe of `queues` by primary key
+/// comes first.
 ///
 /// No pending run carries a cancel request (a check constraint; every path
 /// out of `running` turns a requested cancel into `cancelled`), so a claim
@@ -26,6 +31,125 @@ use crate::tenancy::StepProject;
 ///
 /// Database errors.
 pub async fn claim(
+    conn: &mut PgConnection,
+    worker: WorkerId,
+    queues: &[String],
+    limit: i64,
+    lease_ms: i64,
+) -> Result<Vec<ClaimedRun>, DbError> {
+    let settings = sqlx::query!(
+        r#"SELECT name, paused, (concurrency IS NOT NULL OR rate_per_second IS NOT NULL)
+                  AS "limited!"
+           FROM queues WHERE name = ANY($1)"#,
+        queues,
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if settings.is_empty() {
+        return claim_from(conn, worker, queues, limit, lease_ms).await;
+    }
+    let free: Vec<String> = queues
+        .iter()
+        .filter(|queue| !settings.iter().any(|s| &s.name == *queue))
+        .cloned()
+        .collect();
+    let mut claimed = if free.is_empty() {
+        Vec::new()
+    } else {
+        claim_from(conn, worker, &free, limit, lease_ms).await?
+    };
+    for queue in settings.iter().filter(|s| !s.paused) {
+        let want = limit - claimed.len() as i64;
+        if want <= 0 {
+            break;
+        }
+        let more = if queue.limited {
+            claim_limited(conn, worker, &queue.name, want, lease_ms).await?
+        } else {
+            claim_from(
+                conn,
+                worker,
+                std::slice::from_ref(&queue.name),
+                want,
+                lease_ms,
+            )
+            .await?
+        };
+        claimed.extend(more);
+    }
+    Ok(claimed)
+}
+
+/// Claims up to `want` runs of the limited queue `queue` under its settings
+/// row's lock: no more than its concurrency leaves free (runs `running` in
+/// it across the fleet, prefetched ones included) and its rate bucket holds
+/// (refilled at `rate_per_second`, at most one second's worth), in one
+/// transaction with the claim.
+async fn claim_limited(
+    conn: &mut PgConnection,
+    worker: WorkerId,
+    queue: &str,
+    want: i64,
+    lease_ms: i64,
+) -> Result<Vec<ClaimedRun>, DbError> {
+    let mut tx = conn.begin().await?;
+    let Some(row) = sqlx::query!(
+        r#"SELECT paused, concurrency, rate_per_second, tokens,
+                  extract(epoch FROM clock_timestamp() - refilled_at)::float8 AS "elapsed!"
+           FROM queues WHERE name = $1 FOR UPDATE"#,
+        queue,
+    )
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(Vec::new());
+    };
+    // Counted by a statement after the lock: its snapshot sees every claim
+    // committed by the worker that held the lock before (a count in the
+    // locking statement would see the table as it was before the wait).
+    let running = match row.concurrency {
+        Some(_) => Some(
+            sqlx::query_scalar!(
+                r#"SELECT count(*) AS "count!" FROM runs WHERE status = 'running' AND queue = $1"#,
+                queue,
+            )
+            .fetch_one(&mut *tx)
+            .await?,
+        ),
+        None => None,
+    };
+    if row.paused {
+        return Ok(Vec::new());
+    }
+    let mut room = want;
+    if let (Some(concurrency), Some(running)) = (row.concurrency, running) {
+        room = room.min(i64::from(concurrency) - running);
+    }
+    let mut tokens = row.tokens;
+    if let Some(rate) = row.rate_per_second {
+        tokens = (tokens + row.elapsed.max(0.0) * rate).min(rate.max(1.0));
+        room = room.min(tokens.floor() as i64);
+    }
+    let claimed = if room > 0 {
+        claim_from(&mut tx, worker, &[queue.to_owned()], room, lease_ms).await?
+    } else {
+        Vec::new()
+    };
+    if row.rate_per_second.is_some() {
+        sqlx::query!(
+            "UPDATE queues SET tokens = $2, refilled_at = clock_timestamp() WHERE name = $1",
+            queue,
+            tokens - claimed.len() as f64,
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+/// The claim statement itself, on `queues` without settings.
+async fn claim_from(
     conn: &mut PgConnection,
     worker: WorkerId,
     queues: &[String],

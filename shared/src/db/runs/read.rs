@@ -141,7 +141,7 @@ pub async fn queue_stats(
     Ok(sqlx::query_as!(
         crate::model::QueueStats,
         r#"
-        SELECT queue AS "name!",
+        SELECT r.queue AS "name!",
                count(*) FILTER (WHERE status = 'pending') AS "pending!",
                count(*) FILTER (WHERE status = 'running') AS "running!",
                count(*) FILTER (WHERE status = 'succeeded') AS "succeeded!",
@@ -154,11 +154,15 @@ pub async fn queue_stats(
                count(*) FILTER (WHERE started_at > now() - interval '1 minute')
                    AS "started_last_minute!",
                count(*) FILTER (WHERE finished_at > now() - interval '1 minute')
-                   AS "finished_last_minute!"
-        FROM runs
-        WHERE tenant_id = $1 AND ($2::text IS NULL OR queue = $2)
-        GROUP BY queue
-        ORDER BY queue
+                   AS "finished_last_minute!",
+               coalesce(bool_or(s.paused), false) AS "paused!",
+               max(s.concurrency) AS concurrency_limit,
+               max(s.rate_per_second) AS rate_limit_per_second
+        FROM runs r
+        LEFT JOIN queues s ON s.name = r.queue
+        WHERE r.tenant_id = $1 AND ($2::text IS NULL OR r.queue = $2)
+        GROUP BY r.queue
+        ORDER BY r.queue
         "#,
         tenant,
         queue,
