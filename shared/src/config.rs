@@ -131,6 +131,11 @@ pub struct WorkerConfig {
     /// (capped by the tenant's `retention_days` quota).
     #[arg(long, env = "RUNQ_RETAIN_FAILED_HOURS", default_value_t = 24.0)]
     pub retain_failed_hours: f64,
+    /// Seconds after which a transaction open anywhere on the cluster is
+    /// reported (WARN, every 30 s): it stops vacuum and holds back webhooks
+    /// and streams. 0 turns the watch off.
+    #[arg(long, env = "RUNQ_LONG_TRANSACTION_SECONDS", default_value_t = 300.0)]
+    pub long_transaction_seconds: f64,
     /// The outbox relay and webhook deliveries.
     #[command(flatten)]
     pub relay: RelayConfig,
@@ -253,6 +258,7 @@ impl Default for WorkerConfig {
             max_output_bytes: 1024 * 1024,
             retain_succeeded_hours: 1.0,
             retain_failed_hours: 24.0,
+            long_transaction_seconds: 300.0,
             relay: RelayConfig::default(),
             outbound_allow: Vec::new(),
         }

@@ -144,3 +144,39 @@ async fn retention_days_caps_a_tenants_retention() {
     assert!(!exists(&db, capped_run.id).await, "capped at 1 day");
     assert!(exists(&db, open_run.id).await, "kept 30 days");
 }
+
+/// A transaction left open on the cluster (holding an xid: it stops vacuum
+/// and holds back webhooks and streams) is reported with its pid, state
+/// and age once past the threshold, and no longer once it ends.
+#[tokio::test]
+async fn a_transaction_left_open_is_reported() {
+    use runq_worker::maintenance::LongTransactionWatch;
+    let db = TestDb::new().await;
+    let mut open = db.pool.begin().await.expect("begin");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *open)
+        .await
+        .expect("pid");
+    sqlx::query("SELECT txid_current()")
+        .execute(&mut *open)
+        .await
+        .expect("xid");
+    let watch = LongTransactionWatch::new(db.pool.clone(), 0.3);
+    let found = crate::support::wait_for_value("reported", Duration::from_secs(10), || async {
+        watch
+            .run_once()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|tx| tx.pid == pid)
+    })
+    .await;
+    assert!(found.seconds >= 0.3, "{found:?}");
+    assert_eq!(found.state.as_deref(), Some("idle in transaction"));
+    open.rollback().await.expect("rollback");
+    let after = watch.run_once().await.expect("look");
+    assert!(
+        after.iter().all(|tx| tx.pid != pid),
+        "an ended transaction is reported"
+    );
+}

@@ -1,7 +1,7 @@
 //! Maintenance that runs inside every worker: rescuing runs whose lease
 //! expired, marking silent workers gone, trimming each tenant's events to
-//! its `stored_events` quota, pruning finished runs past retention, and
-//! firing cron schedules. Each service is coordinated
+//! its `stored_events` quota, pruning finished runs past retention, firing
+//! cron schedules, and reporting transactions left open on the cluster. Each service is coordinated
 //! through Postgres (`SKIP LOCKED` on the rows it changes), so any number of
 //! workers run it and none is special.
 
@@ -287,6 +287,68 @@ impl Scheduler {
                 }
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "firing schedules failed"),
+            },
+        )
+        .await;
+    }
+}
+
+/// Reports transactions open on the cluster longer than a threshold: they
+/// stop vacuum from cleaning the queue's dead rows (the classic way a
+/// Postgres queue dies) and hold back webhooks and event streams.
+#[derive(Clone)]
+pub struct LongTransactionWatch {
+    pool: PgPool,
+    threshold_seconds: f64,
+}
+
+impl LongTransactionWatch {
+    /// A watch reporting transactions older than `threshold_seconds`.
+    pub fn new(pool: PgPool, threshold_seconds: f64) -> Self {
+        Self {
+            pool,
+            threshold_seconds,
+        }
+    }
+
+    /// One look: every transaction past the threshold, each logged at WARN
+    /// with its pid, database, application, state, age and statement.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn run_once(&self) -> Result<Vec<workers::LongTransaction>, DbError> {
+        let mut conn = self.pool.acquire().await?;
+        let found = workers::long_transactions(&mut conn, self.threshold_seconds).await?;
+        for tx in &found {
+            tracing::warn!(
+                pid = tx.pid,
+                database = tx.database.as_deref().unwrap_or(""),
+                application = tx.application.as_deref().unwrap_or(""),
+                state = tx.state.as_deref().unwrap_or(""),
+                seconds = tx.seconds.round(),
+                query = tx.query.as_deref().unwrap_or(""),
+                "a transaction has been open too long: it holds back vacuum, webhooks and streams"
+            );
+        }
+        Ok(found)
+    }
+
+    /// Calls [`LongTransactionWatch::run_once`] every `every` until
+    /// `shutdown` fires.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only reads.
+    pub async fn run(self, period: Duration, shutdown: CancellationToken) {
+        every(
+            period,
+            shutdown,
+            || self.run_once(),
+            |done| {
+                if let Err(err) = done {
+                    tracing::warn!(error = %err, "looking for long transactions failed");
+                }
             },
         )
         .await;

@@ -26,13 +26,15 @@ use crate::completer::Completer;
 use crate::executor::Context;
 use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
-use crate::maintenance::{EventTrimmer, Pruner, Rescuer, Scheduler};
+use crate::maintenance::{EventTrimmer, LongTransactionWatch, Pruner, Rescuer, Scheduler};
 use crate::outbound::OutboundPolicy;
 use crate::relay::Relay;
 use crate::services::{guard_leases, heartbeat, lease_guard, listen};
 
 /// Time between passes of the event trimmer (the `stored_events` quota).
 const TRIM_EVERY: Duration = Duration::from_secs(30);
+/// Time between looks for transactions left open on the cluster.
+const LONG_TRANSACTION_EVERY: Duration = Duration::from_secs(30);
 /// Time between passes of the pruner (retention of finished runs).
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
@@ -271,6 +273,12 @@ impl Worker {
             failed_seconds: config.retain_failed_hours * 3600.0,
         };
         services.spawn(Pruner::new(self.pool.clone(), retention).run(PRUNE_EVERY, stop.clone()));
+        if config.long_transaction_seconds > 0.0 {
+            services.spawn(
+                LongTransactionWatch::new(self.pool.clone(), config.long_transaction_seconds)
+                    .run(LONG_TRANSACTION_EVERY, stop.clone()),
+            );
+        }
         services.spawn(
             Scheduler::new(self.pool.clone())
                 .run(Duration::from_millis(config.maintenance_ms), stop.clone()),

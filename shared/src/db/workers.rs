@@ -112,3 +112,50 @@ pub async fn live(
     .fetch_all(&mut *conn)
     .await?)
 }
+
+/// A transaction open longer than a threshold somewhere on the cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongTransaction {
+    /// The backend's process id (`pg_terminate_backend` takes it).
+    pub pid: i32,
+    /// Its database.
+    pub database: Option<String>,
+    /// Its application name.
+    pub application: Option<String>,
+    /// `active`, `idle in transaction`, ...
+    pub state: Option<String>,
+    /// Seconds since the transaction began.
+    pub seconds: f64,
+    /// Its statement, cut to 200 characters.
+    pub query: Option<String>,
+}
+
+/// Transactions on the whole cluster open longer than `seconds` that hold
+/// back the visibility horizon (they have an xid or a snapshot): they stop
+/// vacuum from cleaning the queue's dead rows and hold back the outbox
+/// relay and the event streams. Oldest first.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn long_transactions(
+    conn: &mut PgConnection,
+    seconds: f64,
+) -> Result<Vec<LongTransaction>, DbError> {
+    Ok(sqlx::query_as!(
+        LongTransaction,
+        r#"
+        SELECT pid AS "pid!", datname AS database, application_name AS application, state,
+               extract(epoch FROM now() - xact_start)::float8 AS "seconds!",
+               left(query, 200) AS query
+        FROM pg_stat_activity
+        WHERE xact_start < now() - make_interval(secs => $1)
+          AND pid <> pg_backend_pid()
+          AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
+        ORDER BY xact_start
+        "#,
+        seconds,
+    )
+    .fetch_all(&mut *conn)
+    .await?)
+}
