@@ -178,7 +178,8 @@ async fn executor_panic_fails_the_attempt_at_once() {
 /// Unbounded replies (issue item 7): with `RUNQ_MAX_OUTPUT_BYTES` at
 /// 10,000, an `http` reply over the cap fails its step whether its size is
 /// declared or only found by reading, and so do a handler's output and
-/// events over it; replies and outputs under the cap are stored whole.
+/// events over it, all with reason `output_too_large`; replies and outputs
+/// under the cap are stored whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_and_outputs_over_the_cap_fail_their_step() {
     let db = TestDb::new().await;
@@ -218,12 +219,11 @@ async fn replies_and_outputs_over_the_cap_fail_their_step() {
         outcomes.push((run.status, reason));
     }
     let too_large = || (RunStatus::Failed, Some(json!("output_too_large")));
-    let http_failed = || (RunStatus::Failed, Some(json!("step_failed")));
     assert_eq!(
         outcomes,
         vec![
-            http_failed(),
-            http_failed(),
+            too_large(),
+            too_large(),
             (RunStatus::Succeeded, None),
             too_large(),
             too_large(),

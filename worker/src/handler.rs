@@ -41,6 +41,15 @@ impl StepError {
         }
     }
 
+    /// An output, events or reply over the worker's cap (reason
+    /// `output_too_large`, `RUNQ_MAX_OUTPUT_BYTES`).
+    pub fn output_too_large(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            reason: ErrorReason::OutputTooLarge,
+        }
+    }
+
     /// The reason recorded with the failure.
     pub fn reason(&self) -> ErrorReason {
         self.reason
@@ -213,7 +222,7 @@ impl Handler for Http {
         let bytes = outbound::read_capped(reply, self.max_reply_bytes)
             .await
             .map_err(|err| match err {
-                BodyError::TooLarge { size, cap } => StepError::new(format!(
+                BodyError::TooLarge { size, cap } => StepError::output_too_large(format!(
                     "the reply of {url} has {size} bytes or more, over the cap of {cap} (RUNQ_MAX_OUTPUT_BYTES)"
                 )),
                 BodyError::Read(err) => {
