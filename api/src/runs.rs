@@ -254,7 +254,10 @@ impl RunsApi {
     /// Cancel a run
     ///
     /// A pending run is cancelled at once. A running run is flagged and its
-    /// worker stops it. Cancelling a cancelled run changes nothing.
+    /// worker stops it. A failed or stopped run is cancelled at once: it
+    /// gives up for good and lets go of its `sequence_key`, so the runs
+    /// waiting behind it go on. Cancelling a cancelled run changes nothing;
+    /// a succeeded run answers 409.
     #[oai(
         path = "/runs/:id/cancel",
         method = "post",

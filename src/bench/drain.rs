@@ -8,6 +8,7 @@ use runq_devtools::bench_db;
 use serde::Serialize;
 
 use super::clock::DbClock;
+use super::flow::Flow;
 use super::harness::Harness;
 use super::{enqueue, per_second, whole_ms, QUEUE};
 
@@ -48,11 +49,23 @@ pub async fn run(
     harness: &Harness,
     n: u64,
     concurrencies: &[usize],
+    flow: Flow,
 ) -> anyhow::Result<Vec<DrainReport>> {
+    let tenants = super::flow::apply(harness, flow).await?;
     let mut reports = Vec::with_capacity(concurrencies.len());
+    let mut drained = Ok(());
     for &concurrency in concurrencies {
-        reports.push(drain(harness, n, concurrency).await?);
+        match drain(harness, n, concurrency, &tenants).await {
+            Ok(report) => reports.push(report),
+            Err(err) => {
+                drained = Err(err);
+                break;
+            }
+        }
     }
+    // The limit goes whatever happened: the queue is the user's database's.
+    super::flow::clear(harness).await?;
+    drained?;
     harness.reset().await?;
     Ok(reports)
 }
@@ -64,12 +77,17 @@ async fn succeeded(conn: &mut sqlx::PgConnection) -> anyhow::Result<u64> {
     Ok(u64::try_from(succeeded).unwrap_or(0))
 }
 
-async fn drain(harness: &Harness, n: u64, concurrency: usize) -> anyhow::Result<DrainReport> {
+async fn drain(
+    harness: &Harness,
+    n: u64,
+    concurrency: usize,
+    tenants: &[runq_shared::TenantId],
+) -> anyhow::Result<DrainReport> {
     harness.reset().await?;
     let filling = harness
         .progress
         .bar(format!("drain c={concurrency}: enqueue"), n);
-    enqueue::fill(harness, n, &filling).await?;
+    enqueue::fill(harness, n, tenants, &filling).await?;
     filling.finish();
     super::check_count(harness, n, "drain").await?;
     let mut conn = harness.pool.acquire().await.context("connecting")?;

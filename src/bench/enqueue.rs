@@ -143,7 +143,7 @@ pub async fn run(harness: &Harness, n: u64, n_single: u64) -> anyhow::Result<Enq
             1,
             move |batch| {
                 let pool = pool.clone();
-                async move { library_batch(&pool, tenant, batch_range(batch, n)).await }
+                async move { library_batch(&pool, &[tenant], batch_range(batch, n)).await }
             },
         )
         .await?
@@ -165,9 +165,14 @@ pub async fn run(harness: &Harness, n: u64, n_single: u64) -> anyhow::Result<Enq
 /// # Errors
 ///
 /// Database errors.
-pub async fn fill(harness: &Harness, n: u64, bar: &super::progress::Bar) -> anyhow::Result<()> {
+pub async fn fill(
+    harness: &Harness,
+    n: u64,
+    tenants: &[TenantId],
+    bar: &super::progress::Bar,
+) -> anyhow::Result<()> {
     for batch in 0..batches(n) {
-        let inserted = library_batch(&harness.pool, harness.tenant, batch_range(batch, n)).await?;
+        let inserted = library_batch(&harness.pool, tenants, batch_range(batch, n)).await?;
         bar.add(inserted);
     }
     Ok(())
@@ -184,13 +189,16 @@ fn batch_range(batch: u64, n: u64) -> std::ops::Range<u64> {
     start..(start + BATCH as u64).min(n)
 }
 
-/// Inserts runs numbered `range` in one `enqueue_many` transaction.
+/// Inserts runs numbered `range` in one `enqueue_many` transaction, run `i`
+/// for tenant `i mod tenants`.
 async fn library_batch(
     pool: &PgPool,
-    tenant: TenantId,
+    tenants: &[TenantId],
     range: std::ops::Range<u64>,
 ) -> anyhow::Result<u64> {
-    let runs = range.map(|i| bench_new_run(tenant, i)).collect::<Vec<_>>();
+    let runs = range
+        .map(|i| bench_new_run(tenants[(i % tenants.len() as u64) as usize], i))
+        .collect::<Vec<_>>();
     let count = runs.len() as u64;
     let mut tx = pool.begin().await.context("beginning a transaction")?;
     db::runs::enqueue_many(&mut tx, runs)

@@ -11,6 +11,7 @@
 mod clock;
 mod drain;
 mod enqueue;
+mod flow;
 mod harness;
 mod latency;
 mod progress;
@@ -76,6 +77,15 @@ pub struct BenchArgs {
     /// A name for this configuration, printed as `preset`.
     #[arg(long, env = "RUNQ_BENCH_PRESET", default_value = "default")]
     preset: String,
+    /// Spread the drain's runs over this many tenants, round robin, so every
+    /// claim shares its batch out between them (fairness at work).
+    #[arg(long, env = "RUNQ_BENCH_TENANTS", default_value_t = 1)]
+    tenants: usize,
+    /// Give the bench queue this fleet-wide concurrency limit during the
+    /// drain, so every claim takes the limited path (set it at or above the
+    /// drain's concurrency to measure the path, not the limit).
+    #[arg(long, env = "RUNQ_BENCH_QUEUE_CONCURRENCY")]
+    queue_concurrency: Option<i32>,
     /// Let worker processes log to this stderr (they are silent otherwise).
     #[arg(long, env = "RUNQ_BENCH_WORKER_LOGS")]
     worker_logs: bool,
@@ -154,7 +164,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             None
         };
         let drain = if wanted(Phase::Drain) {
-            Some(drain::run(&harness, args.n, &args.concurrency).await?)
+            let flow = flow::Flow {
+                tenants: args.tenants,
+                queue_concurrency: args.queue_concurrency,
+            };
+            Some(drain::run(&harness, args.n, &args.concurrency, flow).await?)
         } else {
             None
         };
@@ -239,6 +253,12 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
     if args.database.max_connections == 0 {
         bail!("--db-max-connections 0: the API and the workers need a connection");
     }
+    if args.tenants == 0 {
+        bail!("--tenants 0: the runs need at least one tenant");
+    }
+    if let Some(limit) = args.queue_concurrency.filter(|&limit| limit < 1) {
+        bail!("--queue-concurrency {limit}: a limit of at least 1 is needed");
+    }
     Ok(())
 }
 
@@ -275,6 +295,12 @@ fn settings(args: &BenchArgs) -> String {
     }
     if args.worker_logs {
         knobs.push("worker-logs".to_owned());
+    }
+    if args.tenants != 1 {
+        knobs.push(format!("tenants={}", args.tenants));
+    }
+    if let Some(limit) = args.queue_concurrency {
+        knobs.push(format!("queue-concurrency={limit}"));
     }
     let mut inherited: Vec<String> = std::env::vars()
         .filter(|(name, _)| worker::inherits(name))

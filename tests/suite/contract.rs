@@ -197,6 +197,8 @@ fn sample_run() -> Run {
         timeout_seconds: Some(30),
         metadata: json!({ "ünï": [1, null] }),
         idempotency_key: Some("k".into()),
+        sequence_key: Some("account/ü-1".into()),
+        sequence_waiting: false,
         cancel_requested: true,
         result: None,
         error: Some(json!({ "reason": "duration_cap", "message": "m" })),

@@ -1,7 +1,8 @@
 //! Maintenance that runs inside every worker: rescuing runs whose lease
 //! expired, marking silent workers gone, trimming each tenant's events to
 //! its `stored_events` quota, pruning finished runs past retention, firing
-//! cron schedules, and reporting transactions left open on the cluster. Each service is coordinated
+//! cron schedules, letting sequenced runs go, and reporting transactions
+//! left open on the cluster. Each service is coordinated
 //! through Postgres (`SKIP LOCKED` on the rows it changes), so any number of
 //! workers run it and none is special.
 
@@ -9,10 +10,12 @@ use std::time::Duration;
 
 use runq_shared::db::runs::{self, RescueReport};
 use runq_shared::db::DbError;
-use runq_shared::db::{events, quotas, schedules, workers};
+use runq_shared::db::{events, quotas, schedules, sequences, workers};
 use runq_shared::protocol::Backoff;
 use runq_shared::quotas::Quota;
 use sqlx::PgPool;
+use std::sync::Arc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Calls `pass` every `every` until `shutdown` fires, handing each result to
@@ -230,6 +233,67 @@ impl Pruner {
             },
         )
         .await;
+    }
+}
+
+/// Wakeups one promotion transaction takes.
+const PROMOTE_BATCH: i64 = 500;
+
+/// Lets the next run of each sequence key go when the run ahead of it lets
+/// go of the key ([`sequences::promote`]).
+#[derive(Clone)]
+pub struct Sequencer {
+    pool: PgPool,
+}
+
+impl Sequencer {
+    /// A promoter on `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Promotes until no wakeup is left; returns the runs let go.
+    ///
+    /// # Errors
+    ///
+    /// Database errors.
+    pub async fn run_once(&self) -> Result<u64, DbError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut total = 0;
+        loop {
+            let report = sequences::promote(&mut conn, PROMOTE_BATCH).await?;
+            total += report.promoted;
+            for refusal in &report.refused {
+                tracing::warn!(tenant.id = %refusal.tenant_id,
+                    sequence_key = %refusal.sequence_key, reason = %refusal.reason,
+                    "the database refused to let a sequenced run go; its key waits");
+            }
+            if report.woken < PROMOTE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Calls [`Sequencer::run_once`] when `wake` fires (a `runq_sequence`
+    /// notification) and every `period` in case one was missed, until
+    /// `shutdown` fires.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: an interrupted pass rolls back and keeps its wakeups.
+    pub async fn run(self, period: Duration, wake: Arc<Notify>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(period) => {}
+            }
+            match self.run_once().await {
+                Ok(0) => {}
+                Ok(promoted) => tracing::debug!(promoted, "let sequenced runs go"),
+                Err(err) => tracing::warn!(error = %err, "promoting sequenced runs failed"),
+            }
+        }
     }
 }
 

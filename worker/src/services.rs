@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runq_shared::db::runs;
+use runq_shared::db::sequences::SEQUENCE_CHANNEL;
 use runq_shared::db::{workers, DbError, CANCEL_CHANNEL, PENDING_CHANNEL};
 use runq_shared::WorkerId;
 use sqlx::postgres::PgListener;
@@ -29,13 +30,14 @@ pub(crate) fn lease_guard(lease_ms: u64) -> Duration {
     Duration::from_millis((lease_ms / 10).max(50))
 }
 
-/// Wakes the claim loop on `runq_pending` and cancels held runs named on
-/// `runq_cancel`. Reconnects on its own; notifications lost meanwhile are
+/// Wakes the claim loop on `runq_pending`, the sequencer on `runq_sequence`,
+/// and cancels held runs named on `runq_cancel`. Reconnects on its own; notifications lost meanwhile are
 /// covered by polling and the heartbeat.
 pub(crate) async fn listen(
     pool: PgPool,
     leases: Leases,
     wake: Arc<Notify>,
+    sequence_wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let mut failures = 0u32;
@@ -43,7 +45,7 @@ pub(crate) async fn listen(
         let listener = async {
             let mut listener = PgListener::connect_with(&pool).await?;
             listener
-                .listen_all([PENDING_CHANNEL, CANCEL_CHANNEL])
+                .listen_all([PENDING_CHANNEL, CANCEL_CHANNEL, SEQUENCE_CHANNEL])
                 .await?;
             Ok::<_, sqlx::Error>(listener)
         };
@@ -66,6 +68,7 @@ pub(crate) async fn listen(
         failures = 0;
         // Runs may have arrived while we were not listening.
         wake.notify_one();
+        sequence_wake.notify_one();
         loop {
             let notification = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -81,6 +84,9 @@ pub(crate) async fn listen(
                     if let Some(signals) = signals {
                         signals.cancel.cancel();
                     }
+                }
+                Ok(Some(notification)) if notification.channel() == SEQUENCE_CHANNEL => {
+                    sequence_wake.notify_one();
                 }
                 Ok(Some(_)) => wake.notify_one(),
                 // The connection dropped; try_recv reconnects on the next call.

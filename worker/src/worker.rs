@@ -26,7 +26,9 @@ use crate::completer::Completer;
 use crate::executor::Context;
 use crate::handler::{Handler, Handlers, Http};
 use crate::leases::Leases;
-use crate::maintenance::{EventTrimmer, LongTransactionWatch, Pruner, Rescuer, Scheduler};
+use crate::maintenance::{
+    EventTrimmer, LongTransactionWatch, Pruner, Rescuer, Scheduler, Sequencer,
+};
 use crate::outbound::OutboundPolicy;
 use crate::relay::Relay;
 use crate::services::{guard_leases, heartbeat, lease_guard, listen};
@@ -240,10 +242,17 @@ impl Worker {
     ) -> JoinSet<()> {
         let config = &self.config;
         let mut services = JoinSet::new();
+        let sequence_wake = Arc::new(Notify::new());
         services.spawn(listen(
             self.pool.clone(),
             leases.clone(),
             wake.clone(),
+            sequence_wake.clone(),
+            stop.clone(),
+        ));
+        services.spawn(Sequencer::new(self.pool.clone()).run(
+            Duration::from_millis(config.maintenance_ms),
+            sequence_wake,
             stop.clone(),
         ));
         services.spawn(heartbeat(

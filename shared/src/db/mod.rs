@@ -18,6 +18,7 @@ pub mod queues;
 pub mod quotas;
 pub mod runs;
 pub mod schedules;
+pub mod sequences;
 pub mod steps;
 pub mod tenants;
 pub mod tokens;

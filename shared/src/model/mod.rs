@@ -27,6 +27,8 @@ pub const MAX_BATCH: usize = 1_000;
 pub const MAX_QUEUE_LEN: usize = 64;
 /// Longest step name, step kind and idempotency key, in characters.
 pub const MAX_NAME_LEN: usize = 255;
+/// Longest sequence key, in characters.
+pub const MAX_SEQUENCE_KEY_LEN: usize = 255;
 /// Most attempts a run may be given.
 pub const MAX_ATTEMPTS: i32 = 100;
 /// Most bytes a run's `metadata` may take as compact JSON: it is copied into

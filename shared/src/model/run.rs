@@ -123,6 +123,12 @@ pub struct Run {
     pub metadata: Value,
     /// The idempotency key given at creation.
     pub idempotency_key: Option<String>,
+    /// The sequence key given at creation: runs of the tenant with the same
+    /// key run one at a time, in enqueue order.
+    pub sequence_key: Option<String>,
+    /// The run is pending behind an earlier run of its sequence key (one
+    /// still pending, running, failed or stopped) and is not claimable yet.
+    pub sequence_waiting: bool,
     /// A client asked to cancel the running run; the worker stops it.
     pub cancel_requested: bool,
     /// Output of the last step, once the run succeeded.

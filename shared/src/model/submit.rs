@@ -97,6 +97,19 @@ pub struct CreateRun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[oai(skip_serializing_if_is_none)]
     pub metadata: Option<Value>,
+    /// Runs of the tenant with the same sequence key run one at a time, in
+    /// enqueue order, while runs with other keys or none flow freely. A run
+    /// that fails or is stopped keeps the key (the runs behind it wait)
+    /// until it succeeds after a retry or is cancelled. 1 to 255
+    /// characters, no control characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[oai(skip_serializing_if_is_none)]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"
+    ))]
+    pub sequence_key: Option<String>,
     /// The pipeline, 1 to 64 steps, executed in order.
     #[oai(validator(min_items = 1, max_items = 64))]
     pub steps: Vec<NewStep>,
@@ -113,6 +126,7 @@ impl CreateRun {
             timeout_seconds: None,
             project_id: None,
             metadata: None,
+            sequence_key: None,
             steps,
         }
     }
@@ -138,6 +152,20 @@ impl CreateRun {
                 "queue name '{}' contains a control character",
                 truncate(queue)
             )));
+        }
+        if let Some(key) = &self.sequence_key {
+            if key.is_empty() || key.chars().count() > MAX_SEQUENCE_KEY_LEN {
+                return Err(InvalidRun(format!(
+                    "sequence_key '{}' must be 1 to {MAX_SEQUENCE_KEY_LEN} characters",
+                    truncate(key)
+                )));
+            }
+            if key.chars().any(char::is_control) {
+                return Err(InvalidRun(format!(
+                    "sequence_key '{}' contains a control character",
+                    truncate(key)
+                )));
+            }
         }
         if !(1..=MAX_ATTEMPTS).contains(&self.max_attempts) {
             return Err(InvalidRun(format!(

@@ -388,3 +388,50 @@ async fn bad_paths_queries_and_transitions_get_problems() {
     )
     .await;
 }
+
+/// Sequence keys: unicode and SQL metacharacters are kept verbatim; an
+/// empty, over-long or control-character key is a 422 naming the field, and
+/// a batch holding one inserts nothing.
+#[tokio::test]
+async fn sequence_keys_ugly_but_valid_are_kept_bad_ones_refused() {
+    let f = Fixture::new().await;
+    for key in [
+        "'; DROP TABLE runs; --",
+        "ключ/🔑",
+        "a\u{00a0}b",
+        &"k".repeat(255),
+    ] {
+        let mut body = run_body();
+        body["sequence_key"] = json!(key);
+        let response = f.post("/v1/runs", &body).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "key {key:?}");
+        let run: Run = response.json().await.expect("run");
+        assert_eq!(run.sequence_key.as_deref(), Some(key));
+        assert!(run.sequence_waiting, "a keyed run starts out waiting");
+    }
+    let before = f.runs_in_db().await;
+    for key in [
+        String::new(),
+        "k".repeat(256),
+        "tab\there".to_owned(),
+        "nul\0".to_owned(),
+    ] {
+        let mut body = run_body();
+        body["sequence_key"] = json!(key);
+        let p = problem(
+            f.post("/v1/runs", &body).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert!(p.detail.contains("sequence_key"), "{key:?}: {}", p.detail);
+        let mut runs: Vec<Value> = (0..5).map(|_| run_body()).collect();
+        runs[2]["sequence_key"] = json!(key);
+        let p = problem(
+            f.post("/v1/runs/batch", &json!({ "runs": runs })).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert!(p.detail.contains("runs[2]"), "{key:?}: {}", p.detail);
+    }
+    assert_eq!(f.runs_in_db().await, before, "nothing was inserted");
+}

@@ -9,16 +9,18 @@ use crate::model::{Run, RunId, RunStatus, TenantId};
 
 /// Cancels run `id`: a pending run becomes `cancelled` now (with its outbox
 /// row); a running run is flagged and its worker notified, and the worker stops
-/// it (or, if that worker died, the rescuer ends it `cancelled`). Cancelling a
+/// it (or, if that worker died, the rescuer ends it `cancelled`). A failed or
+/// stopped run becomes `cancelled` too: it gives up for good, and lets go of
+/// its sequence key so the runs waiting behind it go on. Cancelling a
 /// cancelled run is a no-op. Run it in a transaction.
 ///
 /// # Errors
 ///
-/// [`DbError::RunNotFound`], or [`DbError::WrongStatus`] for a finished run.
+/// [`DbError::RunNotFound`], or [`DbError::WrongStatus`] for a succeeded run.
 pub async fn cancel(conn: &mut PgConnection, tenant: TenantId, id: RunId) -> Result<Run, DbError> {
     let status = lock_status(conn, tenant, id).await?;
     match status {
-        RunStatus::Pending => {
+        RunStatus::Pending | RunStatus::Failed | RunStatus::StoppedQuota => {
             sqlx::query!(
                 r#"
                 WITH cancelled AS (
@@ -50,7 +52,7 @@ pub async fn cancel(conn: &mut PgConnection, tenant: TenantId, id: RunId) -> Res
                 id,
                 status: other.as_str(),
                 operation: "cancel",
-                needs: "pending or running",
+                needs: "pending, running, failed or stopped_quota",
             })
         }
     }

@@ -10,8 +10,9 @@ use crate::protocol::{ClaimedRun, ClaimedStep, Lease};
 use crate::quotas::{default_plan, Plan, Quota, QuotaOverrides, TenantQuotas};
 use crate::tenancy::StepProject;
 
-/// Claims up to `limit` pending runs of `queues` for `worker`, FIFO within a
-/// priority (DESIGN.md, Claim), with a lease of `lease_ms`, writing a
+/// Claims up to `limit` pending runs of `queues` for `worker`, higher
+/// priorities first, tenants of one priority taken in turn and each
+/// tenant's runs FIFO (DESIGN.md, Claim; docs/adr/0006), with a lease of `lease_ms`, writing a
 /// `run.started` outbox row for each, honouring the queues' settings
 /// (`queues` table): a paused queue gives nothing, and a queue with a
 /// concurrency or rate limit is claimed under its settings row's lock, no
@@ -148,7 +149,16 @@ async fn claim_limited(
     Ok(claimed)
 }
 
-/// The claim statement itself, on `queues` without settings.
+/// The most (priority, tenant) groups one claim considers in a queue. Past
+/// it, the groups after the first `MAX_GROUPS` in (priority, tenant id)
+/// order wait for a later claim; the batch itself serves at most `limit`
+/// groups, so this only bounds the walk.
+const MAX_GROUPS: i32 = 128;
+
+/// The claim statement itself, on `queues` without settings: round robin
+/// between the tenants of a queue within a priority (README, "Fairness
+/// between tenants"), FIFO within a tenant, higher priorities first, and
+/// never a run waiting behind its sequence key.
 async fn claim_from(
     conn: &mut PgConnection,
     worker: WorkerId,
@@ -158,21 +168,73 @@ async fn claim_from(
 ) -> Result<Vec<ClaimedRun>, DbError> {
     let rows = sqlx::query!(
         r#"
-        WITH next AS (
-            -- DESIGN.md's claim, one queue at a time: `queue = ANY($1)` cannot
-            -- walk the pending index in order, so it sorts the whole backlog on
-            -- every claim. Per queue the index hands over the head of the queue
-            -- in order and the cost stays flat however long the backlog is.
-            SELECT n.id FROM unnest($1::text[]) AS q(queue)
+        WITH RECURSIVE groups (queue, priority, tenant_id, head_run_at, depth) AS (
+            -- The (priority, tenant) groups with claimable runs in each queue,
+            -- highest priority first: a loose scan of the pending index, one
+            -- probe per group however long each group's backlog is. A group's
+            -- first entry has its earliest `run_at`.
+            SELECT q.queue, g.priority, g.tenant_id, g.run_at, 1
+            FROM unnest($1::text[]) AS q(queue)
             CROSS JOIN LATERAL (
-                SELECT id, priority, run_at FROM runs
-                WHERE status = 'pending' AND queue = q.queue AND run_at <= now()
-                ORDER BY priority DESC, run_at, id
+                SELECT priority, tenant_id, run_at FROM runs
+                WHERE status = 'pending' AND NOT sequence_waiting AND queue = q.queue
+                ORDER BY priority DESC, tenant_id, run_at, id LIMIT 1
+            ) g
+            UNION ALL
+            SELECT g.queue, n.priority, n.tenant_id, n.run_at, g.depth + 1
+            FROM groups g
+            CROSS JOIN LATERAL (
+                (SELECT priority, tenant_id, run_at FROM runs
+                 WHERE status = 'pending' AND NOT sequence_waiting AND queue = g.queue
+                   AND priority = g.priority AND tenant_id > g.tenant_id
+                 ORDER BY priority DESC, tenant_id, run_at, id LIMIT 1)
+                UNION ALL
+                (SELECT priority, tenant_id, run_at FROM runs
+                 WHERE status = 'pending' AND NOT sequence_waiting AND queue = g.queue
+                   AND priority < g.priority
+                 ORDER BY priority DESC, tenant_id, run_at, id LIMIT 1)
+                LIMIT 1
+            ) n
+            WHERE g.depth < $6
+        ), due AS (
+            SELECT queue, priority, tenant_id FROM groups WHERE head_run_at <= now()
+        ), sized AS (
+            -- What each group can give, up to the batch. Counted only when
+            -- groups compete: a lone group is given the whole batch.
+            SELECT d.queue, d.priority, d.tenant_id,
+                   CASE WHEN (SELECT count(*) FROM due) = 1 THEN $2 ELSE (
+                       SELECT count(*) FROM (
+                           SELECT 1 FROM runs r
+                           WHERE r.status = 'pending' AND NOT r.sequence_waiting
+                             AND r.queue = d.queue AND r.priority = d.priority
+                             AND r.tenant_id = d.tenant_id AND r.run_at <= now()
+                           ORDER BY r.run_at, r.id
+                           LIMIT $2) c) END AS available
+            FROM due d
+        ), shares AS (
+            -- Round robin within a priority: every group's first run, then
+            -- every group's second, and so on; higher priorities first.
+            -- Groups tied in a turn are drawn at random, so when more groups
+            -- compete than the batch holds, none is always last.
+            SELECT queue, priority, tenant_id, count(*) AS take FROM (
+                SELECT s.queue, s.priority, s.tenant_id
+                FROM sized s CROSS JOIN LATERAL generate_series(1, s.available) AS turn
+                ORDER BY s.priority DESC, turn, random()
                 LIMIT $2
+            ) t
+            GROUP BY queue, priority, tenant_id
+        ), next AS (
+            -- Each group's share from its head, FIFO (invariant 4 within a
+            -- tenant), skipping rows another claim holds.
+            SELECT n.id FROM shares s
+            CROSS JOIN LATERAL (
+                SELECT id FROM runs
+                WHERE status = 'pending' AND NOT sequence_waiting AND queue = s.queue
+                  AND priority = s.priority AND tenant_id = s.tenant_id AND run_at <= now()
+                ORDER BY run_at, id
+                LIMIT s.take
                 FOR UPDATE SKIP LOCKED
             ) n
-            ORDER BY n.priority DESC, n.run_at, n.id
-            LIMIT $2
         ), claimed AS (
             UPDATE runs r
             SET status = 'running', attempt = r.attempt + 1, lease_token = r.lease_token + 1,
@@ -221,6 +283,7 @@ async fn claim_from(
         worker,
         lease_ms as f64,
         default_plan().as_str(),
+        MAX_GROUPS,
     )
     .fetch_all(&mut *conn)
     .await?;

@@ -127,6 +127,7 @@ async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueu
     let mut timeouts = Vec::with_capacity(count);
     let mut metadata = Vec::with_capacity(count);
     let mut keys = Vec::with_capacity(count);
+    let mut sequence_keys = Vec::with_capacity(count);
     let mut digests = Vec::with_capacity(count);
     let mut step_counts = Vec::with_capacity(count);
     let mut step_runs = Vec::new();
@@ -153,6 +154,7 @@ async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueu
                 .unwrap_or_else(|| Value::Object(Default::default())),
         );
         keys.push(new.idempotency_key);
+        sequence_keys.push(run.sequence_key);
         step_counts.push(run.steps.len() as i32);
         for (position, step) in run.steps.into_iter().enumerate() {
             step_runs.push(id);
@@ -169,16 +171,19 @@ async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueu
         WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::int2[],
                                  $6::timestamptz[], $7::int4[], $8::int4[], $9::jsonb[],
-                                 $10::text[], $11::int4[], $18::bytea[])
+                                 $10::text[], $11::int4[], $18::bytea[], $19::text[])
                 AS t(id, tenant_id, project_id, queue, priority, run_at, max_attempts,
-                     timeout_seconds, metadata, idempotency_key, step_count, idempotency_hash)
+                     timeout_seconds, metadata, idempotency_key, step_count, idempotency_hash,
+                     sequence_key)
         ), inserted AS (
+            -- A run with a sequence key enters `sequence_waiting` and wakes
+            -- the promoter (triggers of migration 20261201000009).
             INSERT INTO runs (id, tenant_id, project_id, queue, priority, run_at, max_attempts,
                               timeout_seconds, metadata, idempotency_key, step_count,
-                              idempotency_hash)
+                              idempotency_hash, sequence_key)
             SELECT id, tenant_id, project_id, queue, priority, coalesce(run_at, now()),
                    max_attempts, timeout_seconds, metadata, idempotency_key, step_count,
-                   idempotency_hash
+                   idempotency_hash, sequence_key
             FROM input
             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
             DO NOTHING
@@ -215,6 +220,7 @@ async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueu
         &step_inputs,
         &step_timeouts as _,
         &digests as _,
+        &sequence_keys as _,
     )
     .fetch_all(&mut *conn)
     .await?

@@ -59,7 +59,7 @@ pub async fn prune_finished(
         WITH led AS (
             SELECT pg_try_advisory_xact_lock($7) AS led
         ), head AS (
-            SELECT r.id, r.tenant_id, r.status, r.finished_at, r.created_at
+            SELECT r.id, r.tenant_id, r.status, r.finished_at, r.created_at, r.sequence_key
             FROM runs r, led
             WHERE led.led AND ($1::uuid IS NULL OR r.id > $1)
             ORDER BY r.id LIMIT $2
@@ -72,6 +72,15 @@ pub async fn prune_finished(
                   CASE WHEN h.status = 'succeeded' THEN make_interval(secs => $5)
                        ELSE make_interval(secs => $6) END,
                   make_interval(days => c.days::int))
+              -- A failed or stopped run holding its sequence key with runs
+              -- waiting behind it stays until it is retried or cancelled:
+              -- deleting it would let them go unasked.
+              AND NOT (h.sequence_key IS NOT NULL
+                       AND h.status IN ('failed', 'stopped_quota')
+                       AND EXISTS (SELECT 1 FROM runs w
+                                   WHERE w.tenant_id = h.tenant_id
+                                     AND w.sequence_key = h.sequence_key
+                                     AND w.sequence_waiting AND w.status = 'pending'))
         ), deleted AS (
             -- Checked again on the row itself: a run retried since the
             -- snapshot (pending again, or finished anew) is not deleted.
