@@ -18,6 +18,12 @@ bench:
     cargo run --release -- bench
     cargo bench --bench hot_path
 
+# The churn soak (README, "Bloat under churn"): N runs (default 1,000,000)
+# through enqueue, claim, completion and pruning, sampling claim latency and
+# table sizes. Use a database of its own: it truncates the run tables.
+soak n="1000000":
+    cargo run --release -- bench --phases soak --n {{n}}
+
 # fmt, clippy, sqlx offline data (when a database answers) and spec staleness.
 lint:
     cargo fmt --all --check

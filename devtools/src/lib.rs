@@ -6,7 +6,9 @@
 //!   binaries.
 //! - [`bench_db`]: the statements of the load tool (`runq bench`), which
 //!   truncate tables and read timings no production path needs.
+//! - [`soak_db`]: the soak phase's look at table, index and dead-row sizes.
 #![warn(missing_docs)]
 
 pub mod bench_db;
 pub mod postgres;
+pub mod soak_db;

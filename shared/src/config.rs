@@ -131,6 +131,10 @@ pub struct WorkerConfig {
     /// (capped by the tenant's `retention_days` quota).
     #[arg(long, env = "RUNQ_RETAIN_FAILED_HOURS", default_value_t = 24.0)]
     pub retain_failed_hours: f64,
+    /// Milliseconds between passes of the pruner, which deletes finished runs
+    /// past retention (with their steps and events) in batches of 500.
+    #[arg(long, env = "RUNQ_PRUNE_MS", default_value_t = 10_000)]
+    pub prune_ms: u64,
     /// Seconds after which a transaction open anywhere on the cluster is
     /// reported (WARN, every 30 s): it stops vacuum and holds back webhooks
     /// and streams. 0 turns the watch off.
@@ -198,6 +202,10 @@ pub struct RelayConfig {
     /// Hours delivered and dead deliveries stay visible through the API.
     #[arg(long, env = "RUNQ_DELIVERY_RETENTION_HOURS", default_value_t = 168.0)]
     pub delivery_retention_hours: f64,
+    /// Milliseconds between passes that prune the outbox and finished
+    /// deliveries past their retention.
+    #[arg(long, env = "RUNQ_OUTBOX_PRUNE_MS", default_value_t = 60_000)]
+    pub outbox_prune_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -213,6 +221,7 @@ impl Default for RelayConfig {
             webhook_retry_max_ms: 3_600_000,
             outbox_retention_hours: 24.0,
             delivery_retention_hours: 168.0,
+            outbox_prune_ms: 60_000,
         }
     }
 }
@@ -258,6 +267,7 @@ impl Default for WorkerConfig {
             max_output_bytes: 1024 * 1024,
             retain_succeeded_hours: 1.0,
             retain_failed_hours: 24.0,
+            prune_ms: 10_000,
             long_transaction_seconds: 300.0,
             relay: RelayConfig::default(),
             outbound_allow: Vec::new(),

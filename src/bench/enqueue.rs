@@ -191,7 +191,7 @@ fn batch_range(batch: u64, n: u64) -> std::ops::Range<u64> {
 
 /// Inserts runs numbered `range` in one `enqueue_many` transaction, run `i`
 /// for tenant `i mod tenants`.
-async fn library_batch(
+pub async fn library_batch(
     pool: &PgPool,
     tenants: &[TenantId],
     range: std::ops::Range<u64>,

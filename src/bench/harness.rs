@@ -131,11 +131,26 @@ impl Harness {
     ///
     /// The process cannot be started.
     pub fn spawn_worker(&self, concurrency: usize) -> anyhow::Result<WorkerProcess> {
+        self.spawn_worker_with(concurrency, &[])
+    }
+
+    /// [`Harness::spawn_worker`] with the extra environment variables `env`
+    /// (the soak's short retention and prune intervals).
+    ///
+    /// # Errors
+    ///
+    /// The process cannot be started.
+    pub fn spawn_worker_with(
+        &self,
+        concurrency: usize,
+        env: &[(String, String)],
+    ) -> anyhow::Result<WorkerProcess> {
         WorkerProcess::spawn(
             &self.database_url,
             &self.database,
             concurrency,
             self.worker_logs,
+            env,
         )
     }
 

@@ -1,7 +1,10 @@
 //! `runq bench`: the load tool of BENCH.md. It measures enqueue throughput
 //! (through the REST API and through the library), drain throughput of one
 //! worker process, and enqueue-to-start latency, and prints them as one JSON
-//! line on stdout. Progress goes to stderr, and only to a terminal.
+//! line on stdout. Progress goes to stderr, and only to a terminal. The
+//! `soak` phase, never run by default, pushes many runs through with pruning
+//! on and samples claim latency and table sizes (README, "Bloat under
+//! churn"); its samples go to stderr whether or not it is a terminal.
 //!
 //! The API runs in this process on a loopback port and is driven by a real
 //! HTTP client; workers are separate `runq worker` processes started from this
@@ -15,6 +18,8 @@ mod flow;
 mod harness;
 mod latency;
 mod progress;
+mod soak;
+mod soak_report;
 mod worker;
 
 use std::time::Duration;
@@ -41,6 +46,8 @@ const DEFAULT_N_SINGLE: u64 = 5_000;
 const DEFAULT_CONCURRENCY: [usize; 2] = [10, 50];
 const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 const DEFAULT_ACQUIRE_TIMEOUT_MS: u64 = 3_000;
+const DEFAULT_SOAK_BACKLOG: u64 = 20_000;
+const DEFAULT_SOAK_CONCURRENCY: usize = 50;
 
 /// `runq bench` settings. Anything not at its default is named in the
 /// output's `settings`, so figures are only compared like with like.
@@ -74,6 +81,12 @@ pub struct BenchArgs {
         default_value = "10,50"
     )]
     concurrency: Vec<usize>,
+    /// Pending runs the soak phase keeps queued while its worker drains.
+    #[arg(long, env = "RUNQ_BENCH_SOAK_BACKLOG", default_value_t = DEFAULT_SOAK_BACKLOG)]
+    soak_backlog: u64,
+    /// Worker concurrency of the soak phase.
+    #[arg(long, env = "RUNQ_BENCH_SOAK_CONCURRENCY", default_value_t = DEFAULT_SOAK_CONCURRENCY)]
+    soak_concurrency: usize,
     /// A name for this configuration, printed as `preset`.
     #[arg(long, env = "RUNQ_BENCH_PRESET", default_value = "default")]
     preset: String,
@@ -100,6 +113,9 @@ enum Phase {
     Drain,
     /// Enqueue-to-start latency under a steady open-loop trickle.
     Latency,
+    /// `--n` runs through enqueue, claim, completion and pruning, sampling
+    /// claim latency and table sizes (not run unless named).
+    Soak,
 }
 
 impl Phase {
@@ -108,6 +124,7 @@ impl Phase {
             Phase::Enqueue => "enqueue",
             Phase::Drain => "drain",
             Phase::Latency => "latency",
+            Phase::Soak => "soak",
         }
     }
 }
@@ -123,6 +140,12 @@ struct Report {
     enqueue: Option<enqueue::EnqueueReport>,
     drain: Option<Vec<drain::DrainReport>>,
     latency: Option<latency::LatencyReport>,
+    /// The soak's samples; absent unless the soak ran, so the default
+    /// report keeps BENCH.md's shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    soak: Option<Vec<soak_report::Sample>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    soak_summary: Option<soak_report::Summary>,
 }
 
 /// Runs the phases in `args` and prints the report line.
@@ -177,7 +200,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             None
         };
-        anyhow::Ok((enqueue, drain, latency))
+        let soak = if wanted(Phase::Soak) {
+            let soak = soak::SoakArgs {
+                n: args.n,
+                backlog: args.soak_backlog,
+                concurrency: args.soak_concurrency,
+            };
+            Some(soak::run(&harness, soak).await?)
+        } else {
+            None
+        };
+        anyhow::Ok((enqueue, drain, latency, soak))
     };
     // On SIGINT or SIGTERM the phases are dropped, which kills any worker
     // process they started; the default action would leave it running.
@@ -188,7 +221,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Leave the tables empty whatever happened, then stop the API.
     let cleaned = harness.reset().await;
     harness.shutdown().await?;
-    let (enqueue, drain, latency) = outcome?;
+    let (enqueue, drain, latency, soak) = outcome?;
+    let (soak, soak_summary) = match soak {
+        Some(soak) => (Some(soak.samples), Some(soak.summary)),
+        None => (None, None),
+    };
     cleaned?;
     drop(picked);
 
@@ -201,6 +238,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         enqueue,
         drain,
         latency,
+        soak,
+        soak_summary,
     };
     let line = serde_json::to_string(&report).context("serialising the report")?;
     println!("{line}");
@@ -242,13 +281,19 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("--n-single 0: at least one run is needed");
     }
     if args.phases.is_empty() {
-        bail!("--phases is empty: name at least one of enqueue, drain, latency");
+        bail!("--phases is empty: name at least one of enqueue, drain, latency, soak");
     }
     if args.concurrency.is_empty() && args.phases.contains(&Phase::Drain) {
         bail!("--concurrency is empty: the drain phase needs at least one value");
     }
     if let Some(zero) = args.concurrency.iter().find(|&&c| c == 0) {
         bail!("--concurrency {zero}: a worker needs at least one slot");
+    }
+    if args.soak_concurrency == 0 && args.phases.contains(&Phase::Soak) {
+        bail!("--soak-concurrency 0: a worker needs at least one slot");
+    }
+    if args.soak_backlog == 0 && args.phases.contains(&Phase::Soak) {
+        bail!("--soak-backlog 0: the soak needs runs queued");
     }
     if args.database.max_connections == 0 {
         bail!("--db-max-connections 0: the API and the workers need a connection");
@@ -292,6 +337,12 @@ fn settings(args: &BenchArgs) -> String {
             "db-acquire-timeout-ms={}",
             args.database.acquire_timeout_ms
         ));
+    }
+    if args.soak_backlog != DEFAULT_SOAK_BACKLOG {
+        knobs.push(format!("soak-backlog={}", args.soak_backlog));
+    }
+    if args.soak_concurrency != DEFAULT_SOAK_CONCURRENCY {
+        knobs.push(format!("soak-concurrency={}", args.soak_concurrency));
     }
     if args.worker_logs {
         knobs.push("worker-logs".to_owned());

@@ -36,6 +36,12 @@ impl Progress {
         }
     }
 
+    /// Prints a line of its own on stderr, terminal or not: for phases that
+    /// run for minutes (the soak), whose running figures are worth a log.
+    pub fn log(&self, message: impl Display) {
+        eprintln!("{message}");
+    }
+
     /// A bar counting up to `total`, redrawn until it is finished or dropped.
     pub fn bar(&self, label: impl Into<String>, total: u64) -> Bar {
         let state = Arc::new(BarState {

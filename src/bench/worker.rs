@@ -45,8 +45,9 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     /// Starts `runq worker` on queue `bench` with `concurrency` slots against
-    /// `database_url`, with the pool settings of `database`. Its output is
-    /// discarded unless `logs`, when its stderr is this process's.
+    /// `database_url`, with the pool settings of `database` and the extra
+    /// variables `env`. Its output is discarded unless `logs`, when its
+    /// stderr is this process's.
     ///
     /// # Errors
     ///
@@ -56,6 +57,7 @@ impl WorkerProcess {
         database: &DatabaseArgs,
         concurrency: usize,
         logs: bool,
+        env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("finding the runq executable")?;
         let child = tokio::process::Command::new(&exe)
@@ -74,6 +76,7 @@ impl WorkerProcess {
             // The bench applied migrations already; a worker still checks them,
             // as in production, which is part of its start-up time.
             .env_remove("RUNQ_NO_MIGRATE")
+            .envs(env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(if logs {

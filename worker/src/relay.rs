@@ -35,8 +35,6 @@ const FAN_OUT_BATCH: i64 = 1_000;
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;
 /// Rows one prune statement deletes.
 const PRUNE_BATCH: i64 = 1_000;
-/// Time between prune passes.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Extra lease beyond the attempt's timeout, for recording the result.
 const LEASE_MARGIN_MS: u64 = 5_000;
 
@@ -299,7 +297,8 @@ impl Relay {
         let poll = Duration::from_millis(self.config.relay_poll_ms.max(1));
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prune_tick = tokio::time::interval(PRUNE_EVERY);
+        let mut prune_tick =
+            tokio::time::interval(Duration::from_millis(self.config.outbox_prune_ms));
         prune_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sends: JoinSet<Result<Recorded, DbError>> = JoinSet::new();
         loop {

@@ -37,8 +37,6 @@ use crate::services::{guard_leases, heartbeat, lease_guard, listen};
 const TRIM_EVERY: Duration = Duration::from_secs(30);
 /// Time between looks for transactions left open on the cluster.
 const LONG_TRANSACTION_EVERY: Duration = Duration::from_secs(30);
-/// Time between passes of the pruner (retention of finished runs).
-const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// Errors that stop a worker.
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +199,16 @@ impl Worker {
                 self.config.heartbeat_ms, self.config.lease_ms
             )));
         }
+        // An interval of zero would make a maintenance loop spin.
+        for (name, ms) in [
+            ("RUNQ_MAINTENANCE_MS", self.config.maintenance_ms),
+            ("RUNQ_PRUNE_MS", self.config.prune_ms),
+            ("RUNQ_OUTBOX_PRUNE_MS", self.config.relay.outbox_prune_ms),
+        ] {
+            if ms == 0 {
+                return Err(WorkerError::Config(format!("{name} must be at least 1")));
+            }
+        }
         Ok(())
     }
 
@@ -281,7 +289,10 @@ impl Worker {
             succeeded_seconds: config.retain_succeeded_hours * 3600.0,
             failed_seconds: config.retain_failed_hours * 3600.0,
         };
-        services.spawn(Pruner::new(self.pool.clone(), retention).run(PRUNE_EVERY, stop.clone()));
+        services.spawn(
+            Pruner::new(self.pool.clone(), retention)
+                .run(Duration::from_millis(config.prune_ms), stop.clone()),
+        );
         if config.long_transaction_seconds > 0.0 {
             services.spawn(
                 LongTransactionWatch::new(self.pool.clone(), config.long_transaction_seconds)
