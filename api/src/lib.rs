@@ -2,7 +2,8 @@
 //!
 //! Routes live under `/v1` behind bearer-token auth ([`auth`]); every error
 //! becomes an `application/problem+json` document through [`error::ApiError`].
-//! `/health`, `/ready`, `/openapi.json` and `/docs` are unauthenticated.
+//! `/health`, `/ready`, `/metrics`, `/openapi.json` and `/docs` are
+//! unauthenticated.
 #![warn(missing_docs)]
 
 pub mod audit;
@@ -10,6 +11,7 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod ingest;
+pub mod metrics;
 mod params;
 pub mod projects;
 pub mod queues;
@@ -46,6 +48,17 @@ use crate::webhooks::WebhooksApi;
 /// A future that resolves when the server should stop.
 type Shutdown = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
+/// Answer of `GET /metrics`.
+#[derive(ApiResponse)]
+enum MetricsResponse {
+    /// The figures, in the Prometheus text exposition format.
+    #[oai(status = 200)]
+    Metrics(PlainText<String>),
+    /// The database could not be read.
+    #[oai(status = 503)]
+    Unavailable(PlainText<String>),
+}
+
 /// Answer of `GET /ready`.
 #[derive(ApiResponse)]
 enum ReadyResponse {
@@ -76,6 +89,29 @@ impl HealthApi {
             Ok(true) => ReadyResponse::Ready(PlainText("ready".to_owned())),
             Ok(false) => ReadyResponse::NotReady(PlainText("migrations pending".to_owned())),
             Err(err) => ReadyResponse::NotReady(PlainText(format!("database unavailable: {err}"))),
+        }
+    }
+
+    /// Metrics for Prometheus: the cluster's health
+    ///
+    /// `runq_oldest_transaction_age_seconds` (alert when it passes a few
+    /// minutes: an open transaction stops vacuum from cleaning the queue),
+    /// `runq_runs_dead_tuples`, `runq_runs_live_tuples` and
+    /// `runq_live_workers`, read from Postgres at each scrape.
+    #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
+    async fn metrics(&self) -> MetricsResponse {
+        let gauges = async {
+            let mut conn = self.pool.acquire().await?;
+            runq_shared::db::workers::cluster_gauges(&mut conn).await
+        };
+        match gauges.await {
+            Ok(gauges) => match crate::metrics::render(&gauges) {
+                Ok(text) => MetricsResponse::Metrics(PlainText(text)),
+                Err(err) => MetricsResponse::Unavailable(PlainText(format!("encoding: {err}"))),
+            },
+            Err(err) => {
+                MetricsResponse::Unavailable(PlainText(format!("database unavailable: {err}")))
+            }
         }
     }
 }

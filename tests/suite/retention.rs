@@ -180,3 +180,54 @@ async fn a_transaction_left_open_is_reported() {
         "an ended transaction is reported"
     );
 }
+
+/// `GET /metrics` (unauthenticated, Prometheus text) reports the age of the
+/// oldest open transaction: with one left open for a second, the gauge is at
+/// least that old; the other gauges are there too.
+#[tokio::test]
+async fn metrics_report_the_oldest_open_transaction() {
+    let db = TestDb::new().await;
+    let api = crate::support::TestApi::start(db.new_pool(4), crate::support::TestApi::config());
+    let mut open = db.pool.begin().await.expect("begin");
+    sqlx::query("SELECT txid_current()")
+        .execute(&mut *open)
+        .await
+        .expect("xid");
+    let opened = std::time::Instant::now();
+    let client = reqwest::Client::new();
+    let url = format!("{}/metrics", api.base);
+    let gauge = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.trim().parse().ok())
+    };
+    let (text, age) = crate::support::wait_for_value(
+        "the open transaction's age in /metrics",
+        Duration::from_secs(10),
+        || async {
+            let response = client.get(&url).send().await.ok()?;
+            assert_eq!(response.status(), reqwest::StatusCode::OK);
+            let text = response.text().await.ok()?;
+            let age = gauge(&text, "runq_oldest_transaction_age_seconds")?;
+            (age >= 1.0).then_some((text, age))
+        },
+    )
+    .await;
+    assert!(
+        age <= opened.elapsed().as_secs_f64() + 60.0,
+        "an age of {age} s is not from a sane clock"
+    );
+    assert!(
+        text.contains("# TYPE runq_oldest_transaction_age_seconds gauge"),
+        "{text}"
+    );
+    for name in [
+        "runq_runs_dead_tuples",
+        "runq_runs_live_tuples",
+        "runq_live_workers",
+    ] {
+        assert!(gauge(&text, name).is_some(), "{name} missing from {text}");
+    }
+    open.rollback().await.expect("rollback");
+    drop(api);
+}

@@ -159,3 +159,48 @@ pub async fn long_transactions(
     .fetch_all(&mut *conn)
     .await?)
 }
+
+/// What `GET /metrics` reports about the cluster: figures an operator alerts
+/// on, each read from the statistics views or an index head, none by
+/// counting runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterGauges {
+    /// Age of the oldest open transaction that holds back the visibility
+    /// horizon (0 when none): past a few minutes, vacuum cannot clean the
+    /// queue's dead rows, and the outbox relay and streams stall behind it.
+    pub oldest_transaction_seconds: f64,
+    /// Dead row versions in `runs` waiting for vacuum.
+    pub runs_dead_tuples: i64,
+    /// Live rows in `runs`, as the statistics estimate them.
+    pub runs_live_tuples: i64,
+    /// Workers that heartbeat within the last minute.
+    pub live_workers: i64,
+}
+
+/// Reads the [`ClusterGauges`].
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn cluster_gauges(conn: &mut PgConnection) -> Result<ClusterGauges, DbError> {
+    Ok(sqlx::query_as!(
+        ClusterGauges,
+        r#"
+        SELECT coalesce((
+                   SELECT extract(epoch FROM now() - min(xact_start))::float8
+                   FROM pg_stat_activity
+                   WHERE pid <> pg_backend_pid()
+                     AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)), 0)
+                   AS "oldest_transaction_seconds!",
+               coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
+                         WHERE relid = 'runs'::regclass), 0) AS "runs_dead_tuples!",
+               coalesce((SELECT n_live_tup FROM pg_stat_user_tables
+                         WHERE relid = 'runs'::regclass), 0) AS "runs_live_tuples!",
+               (SELECT count(*) FROM workers
+                WHERE stopped_at IS NULL AND last_heartbeat_at > now() - interval '1 minute')
+                   AS "live_workers!"
+        "#,
+    )
+    .fetch_one(&mut *conn)
+    .await?)
+}
