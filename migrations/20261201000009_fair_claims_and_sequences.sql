@@ -50,44 +50,20 @@ BEGIN
 END
 $$;
 
--- A keyed run enters waiting; the promoter decides whether it may go.
-CREATE FUNCTION runq_sequence_enter() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.sequence_waiting := true;
-    RETURN NEW;
-END
-$$;
-
--- A waiting run that leaves `pending` (a cancel) no longer waits.
-CREATE FUNCTION runq_sequence_leave() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    NEW.sequence_waiting := false;
-    RETURN NEW;
-END
-$$;
-
-CREATE TRIGGER runs_sequence_enter BEFORE INSERT ON runs
-    FOR EACH ROW WHEN (NEW.sequence_key IS NOT NULL)
-    EXECUTE FUNCTION runq_sequence_enter();
+-- The statements that set `sequence_waiting` do so themselves (enqueue:
+-- every keyed run waits; retry: a cancelled keyed run waits again; cancel:
+-- a run cancelled while waiting no longer waits). The triggers only write
+-- the wakeups, and only for keyed rows: their WHEN clauses are all a
+-- keyless run's claim and completion pay.
 CREATE TRIGGER runs_sequence_entered AFTER INSERT ON runs
     FOR EACH ROW WHEN (NEW.sequence_key IS NOT NULL)
     EXECUTE FUNCTION runq_sequence_wake();
--- A cancelled keyed run put back to pending queues up behind its key again.
-CREATE TRIGGER runs_sequence_rejoin BEFORE UPDATE OF status ON runs
-    FOR EACH ROW WHEN (NEW.sequence_key IS NOT NULL AND OLD.status = 'cancelled'
-                       AND NEW.status = 'pending')
-    EXECUTE FUNCTION runq_sequence_enter();
-CREATE TRIGGER runs_sequence_rejoined AFTER UPDATE OF status ON runs
-    FOR EACH ROW WHEN (NEW.sequence_key IS NOT NULL AND OLD.status = 'cancelled'
-                       AND NEW.status = 'pending')
-    EXECUTE FUNCTION runq_sequence_wake();
-CREATE TRIGGER runs_sequence_leave BEFORE UPDATE OF status ON runs
-    FOR EACH ROW WHEN (OLD.sequence_waiting AND NEW.status <> 'pending')
-    EXECUTE FUNCTION runq_sequence_leave();
--- The holder let go of its key: succeeded, or cancelled.
-CREATE TRIGGER runs_sequence_released AFTER UPDATE OF status ON runs
+-- The holder let go of its key (succeeded, or cancelled), or a cancelled
+-- keyed run came back to pending behind its key.
+CREATE TRIGGER runs_sequence_changed AFTER UPDATE OF status ON runs
     FOR EACH ROW WHEN (NEW.sequence_key IS NOT NULL AND OLD.status <> NEW.status
-                       AND NEW.status IN ('succeeded', 'cancelled'))
+                       AND (NEW.status IN ('succeeded', 'cancelled')
+                            OR (OLD.status = 'cancelled' AND NEW.status = 'pending')))
     EXECUTE FUNCTION runq_sequence_wake();
 
 -- Takes the promoter's per-key advisory locks in one global order, so two

@@ -99,10 +99,16 @@ pub async fn runs_unfinished(conn: &mut PgConnection, queue: &str) -> Result<boo
         // run was pending expects a match on the first page, so an EXISTS
         // (which drops ORDER BY and LIMIT) scans the table from the start,
         // past every run already drained.
-        r#"SELECT (SELECT true FROM runs WHERE status = 'pending' AND queue = $1
-                   ORDER BY queue, priority DESC, run_at, id LIMIT 1) IS NOT NULL
+        // Each predicate is an index's own, or the planner cannot use it and
+        // every check scans the queue (it once cost the drain a quarter).
+        r#"SELECT (SELECT true FROM runs
+                   WHERE status = 'pending' AND NOT sequence_waiting AND queue = $1
+                   ORDER BY queue, priority DESC, tenant_id, run_at, id LIMIT 1) IS NOT NULL
                OR (SELECT true FROM runs WHERE status = 'running' AND queue = $1
                    ORDER BY lease_expires_at LIMIT 1) IS NOT NULL
+               OR (SELECT true FROM runs
+                   WHERE status = 'pending' AND sequence_waiting AND queue = $1
+                   LIMIT 1) IS NOT NULL
                AS "unfinished!""#,
         queue,
     )

@@ -24,7 +24,7 @@ use crate::worker::{Worker, WorkerReport};
 
 /// A claim in flight: the runs, and the instant the statement was sent.
 pub(crate) type ClaimFuture =
-    Pin<Box<dyn Future<Output = Result<(Vec<ClaimedRun>, Instant), DbError>> + Send>>;
+    Pin<Box<dyn Future<Output = Result<(runs::Claimed, Instant), DbError>> + Send>>;
 
 /// The claim loop's state: claimed runs waiting for a slot, executors, the
 /// claim in flight.
@@ -51,6 +51,10 @@ pub(crate) struct ClaimLoop {
     pub(crate) interrupted: Vec<Lease>,
     /// Set when a claim came back short: wait for a notification or a poll.
     pub(crate) drained: bool,
+    /// Set when a queue's concurrency or rate limit cut the last claim
+    /// short: claim again as soon as this worker frees a slot (the limit
+    /// counts it), not only at the next poll.
+    pub(crate) limited: bool,
     pub(crate) claim_failures: u32,
     pub(crate) report: WorkerReport,
 }
@@ -74,6 +78,7 @@ impl ClaimLoop {
             claiming: None,
             interrupted: Vec::new(),
             drained: false,
+            limited: false,
             claim_failures: 0,
             report: WorkerReport::default(),
         }
@@ -103,7 +108,11 @@ impl ClaimLoop {
                     }
                 }
                 Some(ended) = self.tasks.join_next(), if !self.tasks.is_empty() => self.record(ended),
-                _ = self.leases.freed() => {}
+                _ = self.leases.freed() => {
+                    if self.limited {
+                        self.drained = false;
+                    }
+                }
                 _ = wake.notified() => self.drained = false,
                 _ = poll.tick() => self.drained = false,
                 _ = shutdown.cancelled() => return,
@@ -162,11 +171,11 @@ impl ClaimLoop {
     /// local lease deadline (from when it was sent).
     fn on_claimed(
         &mut self,
-        claimed: Result<(Vec<ClaimedRun>, Instant), DbError>,
+        claimed: Result<(runs::Claimed, Instant), DbError>,
         asked: usize,
     ) -> Result<(), DbError> {
-        let (runs, sent) = match claimed {
-            Ok(runs) => runs,
+        let (runs::Claimed { runs, limited }, sent) = match claimed {
+            Ok(claimed) => claimed,
             Err(err) => {
                 self.claim_failures += 1;
                 self.drained = true;
@@ -178,6 +187,7 @@ impl ClaimLoop {
         // runs that finished meanwhile must not make a full claim look like
         // an empty queue.
         self.drained = runs.len() < asked;
+        self.limited = limited;
         self.report.claimed += runs.len() as u64;
         let deadline = sent + Duration::from_millis(self.lease_ms);
         for run in &runs {
@@ -215,7 +225,9 @@ pub(crate) fn claim(
     Box::pin(async move {
         let mut conn = pool.acquire().await?;
         let sent = Instant::now();
-        let runs = runs::claim(&mut conn, worker, &queues, limit as i64, lease_ms as i64).await?;
-        Ok((runs, sent))
+        let claimed =
+            runs::claim_limited_aware(&mut conn, worker, &queues, limit as i64, lease_ms as i64)
+                .await?;
+        Ok((claimed, sent))
     })
 }

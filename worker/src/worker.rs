@@ -119,7 +119,7 @@ impl Worker {
             self.config.lease_ms,
         )
         .await
-        .map(|(runs, _)| runs)
+        .map(|(claimed, _)| claimed.runs)
     }
 
     /// Runs until `shutdown` fires, then drains: no new claims, in-flight runs
@@ -332,7 +332,7 @@ impl Worker {
         // Finish a claim already sent so its runs are released, not left to expire.
         let mut unstarted: Vec<Lease> = claims.buffer.drain(..).map(|run| run.lease).collect();
         if let Some((claim, _)) = claims.claiming.take() {
-            if let Ok((runs, sent)) = claim.await {
+            if let Ok((runq_shared::db::runs::Claimed { runs, .. }, sent)) = claim.await {
                 claims.report.claimed += runs.len() as u64;
                 let deadline = sent + Duration::from_millis(config.lease_ms);
                 for run in runs {

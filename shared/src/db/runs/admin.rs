@@ -25,7 +25,8 @@ pub async fn cancel(conn: &mut PgConnection, tenant: TenantId, id: RunId) -> Res
                 r#"
                 WITH cancelled AS (
                     UPDATE runs SET status = 'cancelled', finished_at = now(),
-                        error = '{"reason": "cancelled", "message": "cancelled by a client"}'
+                        error = '{"reason": "cancelled", "message": "cancelled by a client"}',
+                        sequence_waiting = false
                     WHERE id = $1 RETURNING *
                 )
                 INSERT INTO outbox (tenant_id, run_id, event_type, payload)
@@ -150,8 +151,11 @@ async fn retry_where(
             LIMIT $5
             FOR UPDATE SKIP LOCKED
         ), requeued AS (
+            -- A cancelled keyed run let go of its key: it queues up behind
+            -- the key again (the promoter decides when it goes).
             UPDATE runs r SET status = 'pending', attempt = 0, run_at = now(), error = NULL,
-                result = NULL, finished_at = NULL, started_at = NULL, cancel_requested = false
+                result = NULL, finished_at = NULL, started_at = NULL, cancel_requested = false,
+                sequence_waiting = r.sequence_key IS NOT NULL AND r.status = 'cancelled'
             WHERE r.id = ANY(ARRAY(SELECT id FROM target))
             RETURNING r.*
         ), recorded AS (

@@ -38,6 +38,34 @@ pub async fn claim(
     limit: i64,
     lease_ms: i64,
 ) -> Result<Vec<ClaimedRun>, DbError> {
+    Ok(claim_limited_aware(conn, worker, queues, limit, lease_ms)
+        .await?
+        .runs)
+}
+
+/// What [`claim_limited_aware`] claimed.
+#[derive(Debug)]
+pub struct Claimed {
+    /// The runs, as [`claim`] returns them.
+    pub runs: Vec<ClaimedRun>,
+    /// A queue's concurrency or rate limit, not its backlog, cut the claim
+    /// short: the queue may well have more to give once a slot frees or a
+    /// token refills, so a worker should not wait for a notification.
+    pub limited: bool,
+}
+
+/// [`claim`], also saying whether a queue's limit cut the claim short.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn claim_limited_aware(
+    conn: &mut PgConnection,
+    worker: WorkerId,
+    queues: &[String],
+    limit: i64,
+    lease_ms: i64,
+) -> Result<Claimed, DbError> {
     let settings = sqlx::query!(
         r#"SELECT name, paused, (concurrency IS NOT NULL OR rate_per_second IS NOT NULL)
                   AS "limited!"
@@ -47,8 +75,12 @@ pub async fn claim(
     .fetch_all(&mut *conn)
     .await?;
     if settings.is_empty() {
-        return claim_from(conn, worker, queues, limit, lease_ms).await;
+        return Ok(Claimed {
+            runs: claim_from(conn, worker, queues, limit, lease_ms).await?,
+            limited: false,
+        });
     }
+    let mut limited = false;
     let free: Vec<String> = queues
         .iter()
         .filter(|queue| !settings.iter().any(|s| &s.name == *queue))
@@ -65,7 +97,9 @@ pub async fn claim(
             break;
         }
         let more = if queue.limited {
-            claim_limited(conn, worker, &queue.name, want, lease_ms).await?
+            let (more, cut) = claim_limited(conn, worker, &queue.name, want, lease_ms).await?;
+            limited |= cut;
+            more
         } else {
             claim_from(
                 conn,
@@ -78,21 +112,26 @@ pub async fn claim(
         };
         claimed.extend(more);
     }
-    Ok(claimed)
+    Ok(Claimed {
+        runs: claimed,
+        limited,
+    })
 }
 
 /// Claims up to `want` runs of the limited queue `queue` under its settings
 /// row's lock: no more than its concurrency leaves free (runs `running` in
 /// it across the fleet, prefetched ones included) and its rate bucket holds
 /// (refilled at `rate_per_second`, at most one second's worth), in one
-/// transaction with the claim.
+/// transaction with the claim. Also says whether the limit, not the
+/// backlog, cut the claim short (the claim filled all the room the limit
+/// left, and that room was less than `want`).
 async fn claim_limited(
     conn: &mut PgConnection,
     worker: WorkerId,
     queue: &str,
     want: i64,
     lease_ms: i64,
-) -> Result<Vec<ClaimedRun>, DbError> {
+) -> Result<(Vec<ClaimedRun>, bool), DbError> {
     let mut tx = conn.begin().await?;
     let Some(row) = sqlx::query!(
         r#"SELECT paused, concurrency, rate_per_second, tokens,
@@ -103,7 +142,7 @@ async fn claim_limited(
     .fetch_optional(&mut *tx)
     .await?
     else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     };
     // Counted by a statement after the lock: its snapshot sees every claim
     // committed by the worker that held the lock before (a count in the
@@ -120,7 +159,7 @@ async fn claim_limited(
         None => None,
     };
     if row.paused {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     let mut room = want;
     if let (Some(concurrency), Some(running)) = (row.concurrency, running) {
@@ -146,7 +185,8 @@ async fn claim_limited(
         .await?;
     }
     tx.commit().await?;
-    Ok(claimed)
+    let cut = room < want && claimed.len() as i64 >= room.max(0);
+    Ok((claimed, cut))
 }
 
 /// The most (priority, tenant) groups one claim considers in a queue. Past
@@ -198,28 +238,30 @@ async fn claim_from(
             WHERE g.depth < $6
         ), due AS (
             SELECT queue, priority, tenant_id FROM groups WHERE head_run_at <= now()
-        ), sized AS (
-            -- What each group can give, up to the batch. Counted only when
-            -- groups compete: a lone group is given the whole batch.
-            SELECT d.queue, d.priority, d.tenant_id,
-                   CASE WHEN (SELECT count(*) FROM due) = 1 THEN $2 ELSE (
-                       SELECT count(*) FROM (
-                           SELECT 1 FROM runs r
-                           WHERE r.status = 'pending' AND NOT r.sequence_waiting
-                             AND r.queue = d.queue AND r.priority = d.priority
-                             AND r.tenant_id = d.tenant_id AND r.run_at <= now()
-                           ORDER BY r.run_at, r.id
-                           LIMIT $2) c) END AS available
-            FROM due d
         ), shares AS (
+            -- A lone group (one tenant, one priority: the common case) is
+            -- given the whole batch, with nothing counted or sorted.
+            SELECT queue, priority, tenant_id, $2 AS take FROM due
+            WHERE (SELECT count(*) FROM due) = 1
+            UNION ALL
             -- Round robin within a priority: every group's first run, then
-            -- every group's second, and so on; higher priorities first.
-            -- Groups tied in a turn are drawn at random, so when more groups
-            -- compete than the batch holds, none is always last.
+            -- every group's second, and so on; higher priorities first. What
+            -- each group can give is counted up to the batch. Groups tied in
+            -- a turn are drawn at random, so when more groups compete than
+            -- the batch holds, none is always last.
             SELECT queue, priority, tenant_id, count(*) AS take FROM (
-                SELECT s.queue, s.priority, s.tenant_id
-                FROM sized s CROSS JOIN LATERAL generate_series(1, s.available) AS turn
-                ORDER BY s.priority DESC, turn, random()
+                SELECT d.queue, d.priority, d.tenant_id
+                FROM due d
+                CROSS JOIN LATERAL generate_series(1, (
+                    SELECT count(*) FROM (
+                        SELECT 1 FROM runs r
+                        WHERE r.status = 'pending' AND NOT r.sequence_waiting
+                          AND r.queue = d.queue AND r.priority = d.priority
+                          AND r.tenant_id = d.tenant_id AND r.run_at <= now()
+                        ORDER BY r.run_at, r.id
+                        LIMIT $2) c)) AS turn
+                WHERE (SELECT count(*) FROM due) > 1
+                ORDER BY d.priority DESC, turn, random()
                 LIMIT $2
             ) t
             GROUP BY queue, priority, tenant_id

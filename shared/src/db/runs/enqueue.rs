@@ -176,14 +176,14 @@ async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueu
                      timeout_seconds, metadata, idempotency_key, step_count, idempotency_hash,
                      sequence_key)
         ), inserted AS (
-            -- A run with a sequence key enters `sequence_waiting` and wakes
-            -- the promoter (triggers of migration 20261201000009).
+            -- A run with a sequence key waits until the promoter lets it go
+            -- (a trigger of migration 20261201000009 wakes the promoter).
             INSERT INTO runs (id, tenant_id, project_id, queue, priority, run_at, max_attempts,
                               timeout_seconds, metadata, idempotency_key, step_count,
-                              idempotency_hash, sequence_key)
+                              idempotency_hash, sequence_key, sequence_waiting)
             SELECT id, tenant_id, project_id, queue, priority, coalesce(run_at, now()),
                    max_attempts, timeout_seconds, metadata, idempotency_key, step_count,
-                   idempotency_hash, sequence_key
+                   idempotency_hash, sequence_key, sequence_key IS NOT NULL
             FROM input
             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
             DO NOTHING

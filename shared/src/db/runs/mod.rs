@@ -60,7 +60,7 @@ pub mod read;
 pub mod stream;
 
 pub use admin::{cancel, retry, retry_many};
-pub use claim::claim;
+pub use claim::{claim, claim_limited_aware, Claimed};
 pub use complete::{checkpoint_many, complete_many};
 pub use enqueue::{enqueue, enqueue_many, Enqueued};
 pub use lease::{extend_leases, release_many, rescue_expired, RescueReport};
