@@ -183,3 +183,44 @@ async fn a_paused_queue_is_not_claimed_until_resumed() {
     let settings: i64 = db.scalar("SELECT count(*) FROM queues").await;
     assert_eq!(settings, 0, "a queue with no settings left has no row");
 }
+
+/// A slot freed in a limited queue is taken at once, not at the worker's
+/// next poll: with polls 10 s apart, a worker drains 30 runs through a
+/// queue limited to 2 (each run frees a slot the worker claims again) in a
+/// few seconds, where waiting for polls would take minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_slot_of_a_limited_queue_is_taken_without_waiting_for_a_poll() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    set(
+        &db,
+        "tight",
+        QueueChange {
+            concurrency: Some(Some(2)),
+            ..QueueChange::default()
+        },
+    )
+    .await;
+    db.enqueue(
+        tenant,
+        (0..30)
+            .map(|_| run_in("tight", NewStep::new("s", "sleep", json!({ "ms": 20 }))))
+            .collect(),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let env = [
+        ("RUNQ_QUEUES", "tight"),
+        ("RUNQ_CONCURRENCY", "4"),
+        ("RUNQ_POLL_INTERVAL_MS", "10000"),
+    ];
+    let mut worker = Proc::worker(&db.url, &env);
+    db.wait_all_terminal(Duration::from_secs(20)).await;
+    let took = started.elapsed();
+    worker.stop().await;
+    assert_eq!(db.count_status("succeeded").await, 30);
+    assert!(
+        took < Duration::from_secs(10),
+        "30 runs through 2 slots took {took:?}: freed slots waited for polls"
+    );
+}
