@@ -510,11 +510,12 @@ async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
         .await
         .expect("rescue");
 
-    let rows: Vec<(i64, String, uuid::Uuid, Value)> =
-        sqlx::query_as("SELECT id, event_type, run_id, payload FROM outbox ORDER BY id")
-            .fetch_all(&db.pool)
-            .await
-            .expect("outbox");
+    let rows: Vec<(i64, String, uuid::Uuid, Value)> = sqlx::query_as(
+        "SELECT id, event_type, run_id, runq_outbox_event(o) FROM outbox o ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("outbox");
     let mut seen = std::collections::BTreeSet::new();
     for (id, event_type, run_id, payload) in rows {
         let event: OutboxEvent = serde_json::from_value(payload.clone())
@@ -546,4 +547,58 @@ async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
     .map(String::from)
     .collect();
     assert_eq!(seen, expected, "every event type was exercised");
+}
+
+/// Narrow outbox rows (migration 20261201000011) read back as the same
+/// event the old jsonb payload held, and a row written before the change
+/// (its `payload` set, its narrow columns null) reads back as it was: the
+/// upgrade is in place, and readers see one shape.
+#[tokio::test]
+async fn narrow_and_legacy_outbox_rows_read_back_as_the_same_event() {
+    let db = TestDb::new().await;
+    let tenant = db.tenant("acme").await;
+    let run = db
+        .enqueue(tenant, vec![echo_run(json!({}))])
+        .await
+        .remove(0);
+    // The event the old statements built, from the same run row.
+    let (narrow, legacy): (Value, Value) = sqlx::query_as(
+        "SELECT runq_outbox_event(o),
+                jsonb_build_object('type', 'run.created', 'occurred_at', o.created_at,
+                    'run', jsonb_build_object('id', r.id, 'tenant_id', r.tenant_id,
+                        'queue', r.queue, 'status', r.status, 'attempt', r.attempt,
+                        'max_attempts', r.max_attempts, 'run_at', r.run_at,
+                        'error', r.error, 'result', r.result))
+         FROM outbox o JOIN runs r ON r.id = o.run_id WHERE o.run_id = $1",
+    )
+    .bind(run.id)
+    .fetch_one(&db.pool)
+    .await
+    .expect("event");
+    assert_eq!(narrow, legacy, "the narrow row builds the old payload");
+    assert_eq!(narrow["run"]["status"], "pending");
+    // A legacy row: payload only.
+    let written = json!({ "type": "run.created", "occurred_at": "2026-11-30T10:00:00Z",
+        "run": { "id": run.id, "tenant_id": tenant, "queue": "old", "status": "pending",
+                 "attempt": 0, "max_attempts": 3, "run_at": "2026-11-30T10:00:00Z",
+                 "error": null, "result": null } });
+    sqlx::query(
+        "INSERT INTO outbox (tenant_id, run_id, event_type, payload)
+         VALUES ($1, $2, 'run.created', $3)",
+    )
+    .bind(tenant)
+    .bind(run.id)
+    .bind(&written)
+    .execute(&db.pool)
+    .await
+    .expect("legacy row");
+    let mut conn = db.pool.acquire().await.expect("connection");
+    let rows = runq_shared::db::outbox::for_run_after(&mut conn, run.id, 0)
+        .await
+        .expect("read");
+    assert_eq!(rows.len(), 2);
+    let read: Value = serde_json::to_value(&rows[1].payload).expect("json");
+    assert_eq!(read, written, "a legacy payload reads back unchanged");
+    let event: OutboxEvent = serde_json::from_value(narrow).expect("contract");
+    assert_eq!(event.run.id, run.id);
 }

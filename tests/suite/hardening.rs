@@ -124,8 +124,8 @@ async fn unstorable_step_output_fails_its_run_alone() {
     );
     let expired: i64 = db
         .scalar(
-            "SELECT count(*) FROM outbox
-             WHERE payload->'run'->'error'->>'reason' = 'lease_expired'",
+            "SELECT count(*) FROM outbox o
+             WHERE runq_outbox_event(o)->'run'->'error'->>'reason' = 'lease_expired'",
         )
         .await;
     assert_eq!(expired, 0, "no run waited for a lease to expire");
@@ -286,7 +286,7 @@ async fn prefetched_runs_are_not_charged_for_time_in_the_buffer() {
         "runs charged for waiting in the prefetch buffer (status, attempt, error): {stopped:?}"
     );
     let claims: i64 = db
-        .scalar("SELECT count(DISTINCT payload->>'occurred_at') FROM outbox WHERE event_type = 'run.started'")
+        .scalar("SELECT count(DISTINCT runq_outbox_event(o)->>'occurred_at') FROM outbox o WHERE event_type = 'run.started'")
         .await;
     assert_eq!(
         (report.claimed, claims),

@@ -134,7 +134,7 @@ pub async fn for_run_after(
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT txid::text::bigint AS "txid!", id, run_id, event_type,
-                  payload AS "payload: Json<OutboxEvent>"
+                  runq_outbox_event(outbox) AS "payload!: Json<OutboxEvent>"
            FROM outbox WHERE run_id = $1 AND id > $2 ORDER BY id"#,
         id,
         after,
@@ -159,7 +159,7 @@ pub async fn read_after(
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT txid::text::bigint AS "txid!", id, run_id, event_type,
-                  payload AS "payload: Json<OutboxEvent>"
+                  runq_outbox_event(outbox) AS "payload!: Json<OutboxEvent>"
            FROM outbox
            WHERE (txid, id) > ($1::bigint::text::xid8, $2)
              AND txid < pg_snapshot_xmin(pg_current_snapshot())

@@ -104,11 +104,11 @@ async fn killing_workers_repeatedly_during_load_loses_and_doubles_nothing() {
             "SELECT h.id, h.attempt,
                 EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = h.id
                         AND o.event_type = 'run.retrying'
-                        AND (o.payload->'run'->>'attempt')::int4 = h.attempt
-                        AND o.payload->'run'->'error'->>'reason' = 'lease_expired'),
+                        AND (runq_outbox_event(o)->'run'->>'attempt')::int4 = h.attempt
+                        AND runq_outbox_event(o)->'run'->'error'->>'reason' = 'lease_expired'),
                 EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = h.id
                         AND o.event_type = 'run.succeeded'
-                        AND (o.payload->'run'->>'attempt')::int4 = h.attempt)
+                        AND (runq_outbox_event(o)->'run'->>'attempt')::int4 = h.attempt)
              FROM unnest($1::uuid[], $2::int4[]) AS h(id, attempt)",
         )
         .bind(&ids)

@@ -513,7 +513,7 @@ pub async fn check_invariants(db: &TestDb) {
                    count(*) FILTER (WHERE o.event_type = 'run.released') AS released,
                    count(*) FILTER (WHERE o.event_type IN
                        ('run.succeeded', 'run.failed', 'run.cancelled', 'run.stopped')) AS terminal,
-                   (SELECT o2.payload->'run'->>'status' FROM outbox o2
+                   (SELECT runq_outbox_event(o2)->'run'->>'status' FROM outbox o2
                      WHERE o2.run_id = r.id ORDER BY o2.id DESC LIMIT 1) AS last_status
             FROM runs r LEFT JOIN outbox o ON o.run_id = r.id
             GROUP BY r.id

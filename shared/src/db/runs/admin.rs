@@ -29,9 +29,11 @@ pub async fn cancel(conn: &mut PgConnection, tenant: TenantId, id: RunId) -> Res
                         sequence_waiting = false
                     WHERE id = $1 RETURNING *
                 )
-                INSERT INTO outbox (tenant_id, run_id, event_type, payload)
+                INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
+                                run_at, error, result)
                 SELECT tenant_id, id, 'run.cancelled',
-                       runq_event_payload('run.cancelled', cancelled::runs)
+                       cancelled.queue, cancelled.status, cancelled.attempt, cancelled.max_attempts,
+                   cancelled.run_at, cancelled.error, cancelled.result
                 FROM cancelled
                 "#,
                 id,
@@ -159,8 +161,10 @@ async fn retry_where(
             WHERE r.id = ANY(ARRAY(SELECT id FROM target))
             RETURNING r.*
         ), recorded AS (
-            INSERT INTO outbox (tenant_id, run_id, event_type, payload)
-            SELECT tenant_id, id, 'run.requeued', runq_event_payload('run.requeued', requeued::runs)
+            INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
+                                run_at, error, result)
+            SELECT tenant_id, id, 'run.requeued', requeued.queue, requeued.status, requeued.attempt, requeued.max_attempts,
+                   requeued.run_at, requeued.error, requeued.result
             FROM requeued
         ), notified AS (
             SELECT pg_notify('runq_pending', '') WHERE EXISTS (SELECT 1 FROM requeued)

@@ -288,8 +288,10 @@ async fn claim_from(
             WHERE r.id = ANY(ARRAY(SELECT id FROM next))
             RETURNING r.*
         ), started AS (
-            INSERT INTO outbox (tenant_id, run_id, event_type, payload)
-            SELECT tenant_id, id, 'run.started', runq_event_payload('run.started', claimed::runs)
+            INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
+                                run_at, error, result)
+            SELECT tenant_id, id, 'run.started', claimed.queue, claimed.status, claimed.attempt, claimed.max_attempts,
+                   claimed.run_at, claimed.error, claimed.result
             FROM claimed
         )
         SELECT c.id AS "id!", c.lease_token AS "lease_token!", c.tenant_id AS "tenant_id!",

@@ -168,9 +168,11 @@ pub async fn complete_many<C: Borrow<Completion>>(
             WHERE e.run_id = ANY(ARRAY(SELECT id FROM done))
             ORDER BY e.ord
         ), recorded_outbox AS (
-            INSERT INTO outbox (tenant_id, run_id, event_type, payload)
+            INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
+                                run_at, error, result)
             SELECT done.tenant_id, done.id, t.event_type,
-                   runq_event_payload(t.event_type, done::runs)
+                   done.queue, done.status, done.attempt, done.max_attempts,
+                   done.run_at, done.error, done.result
             FROM done CROSS JOIN LATERAL (
                 SELECT runq_outcome_event(done.status, 'completed') AS event_type) t
         )

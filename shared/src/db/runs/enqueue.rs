@@ -195,8 +195,10 @@ async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueu
                         $17::int4[]) AS s(run_id, position, name, kind, input, timeout_seconds)
             JOIN inserted i ON i.id = s.run_id
         ), created AS (
-            INSERT INTO outbox (tenant_id, run_id, event_type, payload)
-            SELECT tenant_id, id, 'run.created', runq_event_payload('run.created', inserted::runs)
+            INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
+                                run_at, error, result)
+            SELECT tenant_id, id, 'run.created', inserted.queue, inserted.status, inserted.attempt, inserted.max_attempts,
+                   inserted.run_at, inserted.error, inserted.result
             FROM inserted
         ), notified AS (
             SELECT pg_notify('runq_pending', '') WHERE EXISTS (SELECT 1 FROM inserted)

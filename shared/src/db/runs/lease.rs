@@ -91,9 +91,11 @@ pub async fn release_many(
             WHERE r.id = ANY($1::uuid[]) AND r.id = i.id AND r.lease_token = i.token
             RETURNING r.*
         ), recorded AS (
-            INSERT INTO outbox (tenant_id, run_id, event_type, payload)
+            INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
+                                run_at, error, result)
             SELECT released.tenant_id, released.id, t.event_type,
-                   runq_event_payload(t.event_type, released::runs)
+                   released.queue, released.status, released.attempt, released.max_attempts,
+                   released.run_at, released.error, released.result
             FROM released CROSS JOIN LATERAL (
                 SELECT runq_outcome_event(released.status, 'released') AS event_type) t
         ), notified AS (
@@ -168,9 +170,11 @@ pub async fn rescue_expired(
             WHERE r.id = ANY(ARRAY(SELECT id FROM expired))
             RETURNING r.*
         ), recorded AS (
-            INSERT INTO outbox (tenant_id, run_id, event_type, payload)
+            INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
+                                run_at, error, result)
             SELECT rescued.tenant_id, rescued.id, t.event_type,
-                   runq_event_payload(t.event_type, rescued::runs)
+                   rescued.queue, rescued.status, rescued.attempt, rescued.max_attempts,
+                   rescued.run_at, rescued.error, rescued.result
             FROM rescued CROSS JOIN LATERAL (
                 SELECT runq_outcome_event(rescued.status, 'rescued') AS event_type) t
         )

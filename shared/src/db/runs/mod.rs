@@ -11,8 +11,10 @@
 //! - [`prune`]: deleting finished runs past retention.
 //!
 //! Each state change of a run writes its outbox row in the same statement, so
-//! the two commit together (DESIGN.md, invariant 3); the payload is built by
-//! `runq_event_payload(event_type, row::runs)` from the changed row alone.
+//! the two commit together (DESIGN.md, invariant 3): the changed row's
+//! event fields as typed columns (`queue`, `status`, `attempt`,
+//! `max_attempts`, `run_at`, `error`, `result`), from which
+//! `runq_outbox_event(outbox)` builds the event when it is read.
 //!
 //! Writes a worker makes are fenced on the run's lease token: `r.lease_token =
 //! <the claim's token>`. Tokens only grow over a run's whole life: each claim

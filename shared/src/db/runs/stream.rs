@@ -115,7 +115,7 @@ pub async fn progress(
                    AS "max_event_id!",
                (SELECT coalesce(jsonb_agg(jsonb_build_object(
                            'txid', o.txid::text::bigint, 'id', o.id, 'run_id', o.run_id,
-                           'event_type', o.event_type, 'payload', o.payload) ORDER BY o.id),
+                           'event_type', o.event_type, 'payload', runq_outbox_event(o)) ORDER BY o.id),
                        '[]'::jsonb)
                 FROM outbox o WHERE o.run_id = r.id AND o.id > $3)
                    AS "state_changes!: Json<Vec<StateChangeRow>>",

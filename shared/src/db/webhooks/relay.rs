@@ -62,7 +62,8 @@ pub async fn fan_out(
         r#"WITH subscribed AS (
                SELECT EXISTS (SELECT 1 FROM webhooks WHERE enabled) AS any
            ), batch AS (
-               SELECT o.txid, o.id, o.tenant_id, o.run_id, o.event_type, o.payload
+               SELECT o.txid, o.id, o.tenant_id, o.run_id, o.event_type,
+                      runq_outbox_event(o) AS payload
                FROM outbox o, subscribed s
                WHERE s.any
                  AND (o.txid, o.id) > ($1::bigint::text::xid8, $2)
