@@ -25,27 +25,28 @@ pub fn render(gauges: &ClusterGauges) -> Result<String, std::fmt::Error> {
          event streams (0 when none)",
         oldest,
     );
-    let dead = Gauge::<i64>::default();
-    dead.set(gauges.runs_dead_tuples);
-    registry.register(
-        "runs_dead_tuples",
-        "Dead row versions in the runs table waiting for vacuum",
-        dead,
-    );
-    let live = Gauge::<i64>::default();
-    live.set(gauges.runs_live_tuples);
-    registry.register(
-        "runs_live_tuples",
-        "Rows in the runs table, as Postgres's statistics estimate them",
-        live,
-    );
-    let workers = Gauge::<i64>::default();
-    workers.set(gauges.live_workers);
-    registry.register(
-        "live_workers",
-        "Worker processes that heartbeat within the last minute",
-        workers,
-    );
+    let counts = [
+        (
+            "runs_dead_tuples",
+            "Dead row versions in the runs table waiting for vacuum",
+            gauges.runs_dead_tuples,
+        ),
+        (
+            "runs_live_tuples",
+            "Rows in the runs table, as Postgres's statistics estimate them",
+            gauges.runs_live_tuples,
+        ),
+        (
+            "live_workers",
+            "Worker processes that heartbeat within the last minute",
+            gauges.live_workers,
+        ),
+    ];
+    for (name, help, value) in counts {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value);
+        registry.register(name, help, gauge);
+    }
     let mut out = String::new();
     encode(&mut out, &registry)?;
     Ok(out)

@@ -6,7 +6,7 @@
 //! runs, the claim, in one transaction).
 
 use anyhow::Context;
-use runq_shared::db::{self, queues};
+use runq_shared::db::queues;
 use runq_shared::TenantId;
 
 use super::harness::Harness;
@@ -32,17 +32,7 @@ pub async fn apply(harness: &Harness, flow: Flow) -> anyhow::Result<Vec<TenantId
     let mut conn = harness.pool.acquire().await.context("connecting")?;
     let mut tenants = vec![harness.tenant];
     for i in 2..=flow.tenants {
-        let tenant = db::tenants::ensure(&mut conn, &format!("bench-{i}"))
-            .await
-            .context("creating a bench tenant")?;
-        db::quotas::set(
-            &mut conn,
-            tenant,
-            &runq_shared::quotas::TenantQuotas::plan(runq_shared::quotas::Plan::Unlimited),
-        )
-        .await
-        .context("making a bench tenant unlimited")?;
-        tenants.push(tenant);
+        tenants.push(super::harness::unlimited_tenant(&mut conn, &format!("bench-{i}")).await?);
     }
     queues::set(
         &mut conn,

@@ -75,17 +75,7 @@ impl Harness {
         bench_db::reset(&mut conn)
             .await
             .context("emptying the run tables")?;
-        let tenant = db::tenants::ensure(&mut conn, "bench")
-            .await
-            .context("creating the bench tenant")?;
-        // Benchmarks measure the queue, not the free tier's limits.
-        db::quotas::set(
-            &mut conn,
-            tenant,
-            &runq_shared::quotas::TenantQuotas::plan(runq_shared::quotas::Plan::Unlimited),
-        )
-        .await
-        .context("making the bench tenant unlimited")?;
+        let tenant = unlimited_tenant(&mut conn, "bench").await?;
         let token = db::tenants::create_token(&mut conn, tenant, "bench")
             .await
             .context("creating a token for the bench tenant")?;
@@ -162,6 +152,29 @@ impl Harness {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.api.shutdown().await
     }
+}
+
+/// Creates tenant `name` if it is missing and puts it on the unlimited
+/// plan: benchmarks measure the queue, not the free tier's limits.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn unlimited_tenant(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+) -> anyhow::Result<TenantId> {
+    let tenant = db::tenants::ensure(&mut *conn, name)
+        .await
+        .with_context(|| format!("creating the bench tenant {name}"))?;
+    db::quotas::set(
+        &mut *conn,
+        tenant,
+        &runq_shared::quotas::TenantQuotas::plan(runq_shared::quotas::Plan::Unlimited),
+    )
+    .await
+    .with_context(|| format!("making the bench tenant {name} unlimited"))?;
+    Ok(tenant)
 }
 
 /// The bench run number `i`: one `echo` step with input `{"i": i}`.

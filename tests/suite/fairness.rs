@@ -12,6 +12,17 @@ use serde_json::json;
 use crate::support::process::Proc;
 use crate::support::{echo_run, worker_config, TestDb};
 
+/// The ids one claim of up to `limit` gives a fresh worker, in claim order.
+async fn claim_ids(db: &TestDb, limit: usize) -> Vec<uuid::Uuid> {
+    Worker::new(db.new_pool(2), worker_config(limit))
+        .claim(limit)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|run| run.id())
+        .collect()
+}
+
 async fn tenant_of(db: &TestDb, ids: &[uuid::Uuid]) -> HashMap<uuid::Uuid, TenantId> {
     sqlx::query_as("SELECT id, tenant_id FROM runs WHERE id = ANY($1)")
         .bind(ids)
@@ -40,14 +51,7 @@ async fn a_claim_takes_tenants_in_turn_within_a_priority() {
         .enqueue(small, (0..3).map(|i| echo_run(json!({ "i": i }))).collect())
         .await;
     let single_run = db.enqueue(single, vec![echo_run(json!({}))]).await;
-    let worker = Worker::new(db.new_pool(2), worker_config(10));
-    let claimed: Vec<uuid::Uuid> = worker
-        .claim(10)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|run| run.id())
-        .collect();
+    let claimed = claim_ids(&db, 10).await;
     assert_eq!(claimed.len(), 10);
     let owners = tenant_of(&db, &claimed).await;
     let of = |tenant: TenantId| -> Vec<uuid::Uuid> {
@@ -89,14 +93,7 @@ async fn a_claim_takes_tenants_in_turn_within_a_priority() {
     let ordinary = db
         .enqueue(small, (0..5).map(|i| echo_run(json!({ "i": i }))).collect())
         .await;
-    let worker = Worker::new(db.new_pool(2), worker_config(6));
-    let claimed: Vec<uuid::Uuid> = worker
-        .claim(6)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|run| run.id())
-        .collect();
+    let claimed = claim_ids(&db, 6).await;
     let mut expected: Vec<_> = urgent.iter().map(|r| r.id).collect();
     expected.push(ordinary[0].id);
     assert_eq!(
@@ -121,14 +118,7 @@ async fn delayed_runs_take_no_turn() {
     let mut mixed: Vec<CreateRun> = (0..2).map(delayed).collect();
     mixed.push(echo_run(json!({ "due": true })));
     let mixed = db.enqueue(early, mixed).await;
-    let worker = Worker::new(db.new_pool(2), worker_config(10));
-    let claimed: Vec<uuid::Uuid> = worker
-        .claim(10)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|run| run.id())
-        .collect();
+    let claimed = claim_ids(&db, 10).await;
     assert_eq!(claimed, vec![mixed[2].id], "only the one due run");
 }
 
