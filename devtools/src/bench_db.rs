@@ -182,3 +182,17 @@ pub async fn workers_running_with_pid(conn: &mut PgConnection, pid: i32) -> Resu
     .await?;
     Ok(found)
 }
+
+/// The server's current WAL insert position, in bytes from the start.
+///
+/// # Errors
+///
+/// Database errors.
+pub async fn wal_position(conn: &mut PgConnection) -> Result<i64, DbError> {
+    let position = sqlx::query_scalar::<_, i64>(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::int8",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(position)
+}

@@ -38,6 +38,13 @@ pub struct DrainReport {
     /// run (database clock): process start, connecting, migration check,
     /// registration and the first claim.
     startup_ms: u64,
+    /// WAL the server wrote per run over the whole lifecycle: the bulk
+    /// enqueue that filled the queue and the drain (everything the server
+    /// wrote meanwhile counts, so give the bench a quiet server).
+    wal_bytes_per_job: u64,
+    /// The worker process's peak resident set during the drain, in MB
+    /// (absent where `/proc` is not there).
+    worker_peak_rss_mb: Option<f64>,
 }
 
 /// One drain per value of `concurrencies`, each of `n` runs.
@@ -84,6 +91,10 @@ async fn drain(
     tenants: &[runq_shared::TenantId],
 ) -> anyhow::Result<DrainReport> {
     harness.reset().await?;
+    let mut wal = harness.pool.acquire().await.context("connecting")?;
+    let wal_before = bench_db::wal_position(&mut wal)
+        .await
+        .context("reading the WAL position")?;
     let filling = harness
         .progress
         .bar(format!("drain c={concurrency}: enqueue"), n);
@@ -138,6 +149,11 @@ async fn drain(
         .context("reading when the first run started")?
         .context("all runs succeeded but none has a start time")?;
     drop(conn);
+    let wal_after = bench_db::wal_position(&mut wal)
+        .await
+        .context("reading the WAL position")?;
+    drop(wal);
+    let peak_rss = worker.peak_rss_bytes();
     worker.stop().await?;
     let startup_ms = clock.ms_from(spawned_at, first_start).max(0.0).round() as u64;
     Ok(DrainReport {
@@ -146,5 +162,8 @@ async fn drain(
         ms: whole_ms(elapsed),
         jobs_per_s: per_second(n, elapsed),
         startup_ms,
+        wal_bytes_per_job: u64::try_from(wal_after - wal_before).unwrap_or(0) / n.max(1),
+        worker_peak_rss_mb: peak_rss
+            .map(|bytes| (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0),
     })
 }

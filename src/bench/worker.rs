@@ -104,6 +104,21 @@ impl WorkerProcess {
             .with_context(|| format!("checking on worker process {}", self.pid))
     }
 
+    /// The process's peak resident set so far (`VmHWM` in
+    /// `/proc/<pid>/status`), in bytes; `None` where `/proc` is not there.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// Fails if the worker has exited: it should run until stopped.
     ///
     /// # Errors
