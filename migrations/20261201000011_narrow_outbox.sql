@@ -32,3 +32,7 @@ CREATE FUNCTION runq_outbox_event(o outbox) RETURNS jsonb LANGUAGE sql STABLE AS
             'attempt', o.attempt, 'max_attempts', o.max_attempts, 'run_at', o.run_at,
             'error', o.error, 'result', o.result)))
 $$;
+
+-- Every writer now fills the columns above; the builder of the old payload
+-- has no caller left.
+DROP FUNCTION runq_event_payload(text, runs);

@@ -301,12 +301,7 @@ impl StreamsApi {
     ) -> Result<RunStreamResponse, ApiError> {
         let caller = auth.0;
         caller.require(Scope::Runs)?;
-        let resumed = last_event_id
-            .0
-            .as_deref()
-            .map(str::parse::<RunPosition>)
-            .transpose()
-            .map_err(|err| ApiError::BadRequest(err.to_string()))?;
+        let resumed: Option<RunPosition> = resume_from(&last_event_id)?;
         let mut conn = self.hub.pool.acquire().await?;
         let run = runs::get(&mut conn, caller.tenant_id, id.0).await?;
         if let Some(position) = resumed {
@@ -376,12 +371,7 @@ impl StreamsApi {
     ) -> Result<TenantStreamResponse, ApiError> {
         let caller = auth.0;
         caller.require(Scope::Runs)?;
-        let resumed = last_event_id
-            .0
-            .as_deref()
-            .map(str::parse::<Cursor>)
-            .transpose()
-            .map_err(|err| ApiError::BadRequest(format!("header Last-Event-ID: {err}")))?;
+        let resumed: Option<Cursor> = resume_from(&last_event_id)?;
         let start = match resumed {
             Some(cursor) => cursor,
             None => {
@@ -589,4 +579,19 @@ fn tenant_messages(hub: Arc<Hub>, feed: TenantFeed, permit: StreamPermit) -> Ten
     })
     .flatten()
     .boxed()
+}
+
+/// The position a `Last-Event-ID` header names, if one was sent; a header
+/// that does not parse is a 400 naming it.
+fn resume_from<T>(header: &Header<Option<String>>) -> Result<Option<T>, ApiError>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    header
+        .0
+        .as_deref()
+        .map(str::parse::<T>)
+        .transpose()
+        .map_err(|err| ApiError::BadRequest(format!("header Last-Event-ID: {err}")))
 }
