@@ -116,6 +116,42 @@ async fn finished_runs_past_retention_are_deleted_with_their_steps_and_events() 
     );
 }
 
+/// Steps carry no foreign key to their run (migration 13: it locked the run
+/// for every inserted step); a statement-level trigger deletes them with
+/// their runs instead. It fires for a cascade too: deleting a tenant takes
+/// its runs' steps, and only theirs.
+#[tokio::test]
+async fn a_deleted_tenants_runs_take_their_steps_with_them() {
+    let db = TestDb::new().await;
+    let gone = db.tenant("gone").await;
+    let kept = db.tenant("kept").await;
+    let two_steps = || {
+        CreateRun::new(vec![
+            NewStep::new("a", "echo", json!({})),
+            NewStep::new("b", "echo", json!({})),
+        ])
+    };
+    db.enqueue(gone, (0..3).map(|_| two_steps()).collect())
+        .await;
+    db.enqueue(kept, (0..2).map(|_| two_steps()).collect())
+        .await;
+    sqlx::query("DELETE FROM tenants WHERE id = $1")
+        .bind(gone)
+        .execute(&db.pool)
+        .await
+        .expect("delete the tenant");
+    let (orphans, steps): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM run_steps s
+                 WHERE NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = s.run_id)),
+                (SELECT count(*) FROM run_steps)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("count steps");
+    assert_eq!(orphans, 0, "the deleted tenant's steps went with its runs");
+    assert_eq!(steps, 4, "the other tenant's steps stay");
+}
+
 /// A tenant's `retention_days` caps how long its finished runs are kept,
 /// whatever the server's retention; a tenant without the cap keeps the
 /// server's.
