@@ -3,7 +3,8 @@
 //! clock. Nothing here runs in production paths, which is why it lives in
 //! runq-devtools rather than with the service's SQL in runq-shared. The
 //! statements are checked at compile time against the workspace's `.sqlx/`
-//! like every other query.
+//! like every other query, except the two built with `query_scalar::<_, T>`,
+//! which are checked when they run.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
@@ -40,17 +41,20 @@ pub async fn analyze(conn: &mut PgConnection) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Whether any run lives outside `queue`: the tool truncates the run tables,
-/// so it refuses a database that holds someone else's work.
+/// Whether any run lives outside `queues`: the tool truncates the run
+/// tables, so it refuses a database that holds someone else's work.
 ///
 /// # Errors
 ///
 /// Database errors.
-pub async fn runs_outside_queue(conn: &mut PgConnection, queue: &str) -> Result<bool, DbError> {
-    let found = sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM runs WHERE queue <> $1) AS "found!""#,
-        queue,
+pub async fn runs_outside_queues(
+    conn: &mut PgConnection,
+    queues: &[&str],
+) -> Result<bool, DbError> {
+    let found = sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM runs WHERE queue <> ALL($1::text[]))",
     )
+    .bind(queues)
     .fetch_one(&mut *conn)
     .await?;
     Ok(found)

@@ -10,6 +10,9 @@ use serde::Serialize;
 use super::clock::DbClock;
 use super::flow::Flow;
 use super::harness::Harness;
+use super::process::megabytes;
+use super::progress::Bar;
+use super::worker::WorkerProcess;
 use super::{enqueue, per_second, whole_ms, QUEUE};
 
 /// How often the tool asks whether the queue is drained. The question reads
@@ -77,13 +80,6 @@ pub async fn run(
     Ok(reports)
 }
 
-async fn succeeded(conn: &mut sqlx::PgConnection) -> anyhow::Result<u64> {
-    let succeeded = bench_db::runs_succeeded_count(conn, QUEUE)
-        .await
-        .context("counting succeeded runs")?;
-    Ok(u64::try_from(succeeded).unwrap_or(0))
-}
-
 async fn drain(
     harness: &Harness,
     n: u64,
@@ -95,55 +91,22 @@ async fn drain(
     let wal_before = bench_db::wal_position(&mut wal)
         .await
         .context("reading the WAL position")?;
-    let filling = harness
-        .progress
-        .bar(format!("drain c={concurrency}: enqueue"), n);
-    enqueue::fill(harness, n, tenants, &filling).await?;
-    filling.finish();
-    super::check_count(harness, n, "drain").await?;
+    backlog(harness, n, tenants, &format!("drain c={concurrency}")).await?;
     let mut conn = harness.pool.acquire().await.context("connecting")?;
-    bench_db::analyze(&mut conn)
-        .await
-        .context("analyzing the run tables")?;
 
     let bar = harness.progress.bar(format!("drain c={concurrency}"), n);
     let clock = DbClock::read(&harness.pool).await?;
     let spawned_at = Instant::now();
     let mut worker = harness.spawn_worker(concurrency)?;
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = (0, Instant::now());
-    let mut counted_at = Instant::now();
-    let elapsed = loop {
-        tick.tick().await;
-        let unfinished = bench_db::runs_unfinished(&mut conn, QUEUE)
-            .await
-            .context("checking for unfinished runs")?;
-        if !unfinished {
-            break spawned_at.elapsed();
-        }
-        if counted_at.elapsed() < COUNT_EVERY {
-            continue;
-        }
-        counted_at = Instant::now();
-        let succeeded = succeeded(&mut conn).await?;
-        bar.set(succeeded);
-        worker.check_alive()?;
-        if succeeded > last.0 {
-            last = (succeeded, Instant::now());
-        } else if last.1.elapsed() > STALL_TIMEOUT {
-            bail!(
-                "drain c={concurrency}: no run succeeded for {} s ({succeeded} of {n} done)",
-                STALL_TIMEOUT.as_secs()
-            );
-        }
-    };
-    let succeeded = succeeded(&mut conn).await?;
-    if succeeded != n {
-        bail!("drain c={concurrency}: the queue is drained but {succeeded} of {n} runs succeeded");
-    }
-    bar.set(n);
-    bar.finish();
+    let drained = watch(
+        &mut conn,
+        &mut worker,
+        n,
+        bar,
+        &format!("drain c={concurrency}"),
+    )
+    .await?;
+    let elapsed = drained.seen_at.duration_since(spawned_at);
     let first_start = bench_db::runs_first_started_at(&mut conn, QUEUE)
         .await
         .context("reading when the first run started")?
@@ -163,7 +126,108 @@ async fn drain(
         jobs_per_s: per_second(n, elapsed),
         startup_ms,
         wal_bytes_per_job: u64::try_from(wal_after - wal_before).unwrap_or(0) / n.max(1),
-        worker_peak_rss_mb: peak_rss
-            .map(|bytes| (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0),
+        worker_peak_rss_mb: peak_rss.map(megabytes),
     })
+}
+
+/// Queues `n` runs on the bench queue with the library's bulk path, spread
+/// over `tenants`, checks they are all there and ANALYZEs the run tables,
+/// so a drain is planned for the rows it will meet. `what` labels the
+/// progress bar and names the measurement in errors.
+///
+/// # Errors
+///
+/// Database errors, or the queue does not hold `n` runs.
+pub async fn backlog(
+    harness: &Harness,
+    n: u64,
+    tenants: &[runq_shared::TenantId],
+    what: &str,
+) -> anyhow::Result<()> {
+    let filling = harness.progress.bar(format!("{what}: enqueue"), n);
+    enqueue::fill(harness, n, tenants, &filling).await?;
+    filling.finish();
+    super::check_count(harness, n, what).await?;
+    let mut conn = harness.pool.acquire().await.context("connecting")?;
+    bench_db::analyze(&mut conn)
+        .await
+        .context("analyzing the run tables")
+}
+
+/// When [`watch`] saw the bench queue drained.
+#[derive(Debug, Clone, Copy)]
+pub struct Drained {
+    /// The first check that found no run of the queue pending or running:
+    /// the drain ended at most [`POLL`] (and the check's round trip) before.
+    pub seen_at: Instant,
+    /// The last check that still found one, if any did: the queue was
+    /// certainly still draining then.
+    pub last_busy_at: Option<Instant>,
+}
+
+/// Watches `worker` drain the bench queue of its `n` runs: returns once no
+/// run of the queue is pending or running and all `n` have succeeded,
+/// counting them into `bar` (finished on success). Only the bench queue is
+/// looked at, so runs on other queues the worker serves do not count.
+///
+/// # Errors
+///
+/// Database errors, the worker exits, no run succeeds for 60 s, or the
+/// queue is drained with fewer than `n` runs succeeded. `what` names the
+/// measurement in the message.
+pub async fn watch(
+    conn: &mut sqlx::PgConnection,
+    worker: &mut WorkerProcess,
+    n: u64,
+    bar: Bar,
+    what: &str,
+) -> anyhow::Result<Drained> {
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (0, Instant::now());
+    let mut counted_at = Instant::now();
+    let mut last_busy_at = None;
+    let seen_at = loop {
+        tick.tick().await;
+        let checked_at = Instant::now();
+        let unfinished = bench_db::runs_unfinished(&mut *conn, QUEUE)
+            .await
+            .context("checking for unfinished runs")?;
+        if !unfinished {
+            break Instant::now();
+        }
+        last_busy_at = Some(checked_at);
+        if counted_at.elapsed() < COUNT_EVERY {
+            continue;
+        }
+        counted_at = Instant::now();
+        let succeeded = succeeded(&mut *conn).await?;
+        bar.set(succeeded);
+        worker.check_alive()?;
+        if succeeded > last.0 {
+            last = (succeeded, Instant::now());
+        } else if last.1.elapsed() > STALL_TIMEOUT {
+            bail!(
+                "{what}: no run succeeded for {} s ({succeeded} of {n} done)",
+                STALL_TIMEOUT.as_secs()
+            );
+        }
+    };
+    let succeeded = succeeded(&mut *conn).await?;
+    if succeeded != n {
+        bail!("{what}: the queue is drained but {succeeded} of {n} runs succeeded");
+    }
+    bar.set(n);
+    bar.finish();
+    Ok(Drained {
+        seen_at,
+        last_busy_at,
+    })
+}
+
+async fn succeeded(conn: &mut sqlx::PgConnection) -> anyhow::Result<u64> {
+    let succeeded = bench_db::runs_succeeded_count(conn, QUEUE)
+        .await
+        .context("counting succeeded runs")?;
+    Ok(u64::try_from(succeeded).unwrap_or(0))
 }

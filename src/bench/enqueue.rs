@@ -14,8 +14,9 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
-use super::harness::{bench_new_run, bench_run, Harness};
-use super::{check_count, per_second, whole_ms, BATCH, PARALLEL};
+use super::harness::{bench_new_run, bench_run, bench_run_on, Harness};
+use super::process::megabytes;
+use super::{check_count, per_second, whole_ms, BATCH, PARALLEL, QUEUE};
 
 /// One enqueue measurement.
 #[derive(Serialize, Debug)]
@@ -30,12 +31,25 @@ pub struct Throughput {
     jobs_per_s: u64,
 }
 
+/// The bulk enqueue through the API, with the API process's memory.
+#[derive(Serialize, Debug)]
+pub struct BulkThroughput {
+    #[serde(flatten)]
+    throughput: Throughput,
+    /// The API process's peak resident set read right after the bulk
+    /// enqueue, in MB (null where `/proc` is not there). `VmHWM` covers
+    /// the process's whole life, so this is the peak over every API call
+    /// of the benchmark so far: the one-at-a-time enqueues and the bulk
+    /// one (the enqueue phase runs first).
+    api_peak_rss_mb: Option<f64>,
+}
+
 /// The enqueue phase's figures, API first, then the library.
 #[derive(Serialize, Debug)]
 pub struct EnqueueReport {
     single: Throughput,
     single_parallel: Throughput,
-    bulk: Throughput,
+    bulk: BulkThroughput,
     db_single: Throughput,
     db_single_parallel: Throughput,
     db_bulk: Throughput,
@@ -94,6 +108,10 @@ pub async fn run(harness: &Harness, n: u64, n_single: u64) -> anyhow::Result<Enq
             },
         )
         .await?
+    };
+    let bulk = BulkThroughput {
+        throughput: bulk,
+        api_peak_rss_mb: harness.api_peak_rss_bytes().map(megabytes),
     };
 
     let library_single = {
@@ -258,28 +276,39 @@ where
     })
 }
 
-/// A client of the in-process API with the bench tenant's token.
+/// A client of the API process with the bench tenant's token.
 #[derive(Clone)]
 pub struct ApiClient {
     client: reqwest::Client,
     runs_url: Arc<str>,
     batch_url: Arc<str>,
     authorization: Arc<str>,
+    /// The queue of the runs [`Self::run_request`] builds.
+    queue: Arc<str>,
 }
 
 impl ApiClient {
-    /// A client of `harness`'s API.
+    /// A client of `harness`'s API, sending single runs to the bench queue.
     pub fn new(harness: &Harness) -> Self {
         Self {
             client: harness.client.clone(),
             runs_url: format!("{}/runs", harness.base).into(),
             batch_url: format!("{}/runs/batch", harness.base).into(),
             authorization: harness.authorization.clone().into(),
+            queue: QUEUE.into(),
         }
     }
 
-    /// The `POST /v1/runs` request for bench run `i`, built and serialised
-    /// but not sent.
+    /// This client, sending single runs to `queue` instead.
+    pub fn on_queue(self, queue: &str) -> Self {
+        Self {
+            queue: queue.into(),
+            ..self
+        }
+    }
+
+    /// The `POST /v1/runs` request for bench run `i` on this client's
+    /// queue, built and serialised but not sent.
     ///
     /// # Errors
     ///
@@ -288,7 +317,7 @@ impl ApiClient {
         self.client
             .post(&*self.runs_url)
             .header(AUTHORIZATION, &*self.authorization)
-            .json(&bench_run(i))
+            .json(&bench_run_on(&self.queue, i))
             .build()
             .context("building POST /v1/runs")
     }

@@ -1,23 +1,20 @@
-//! What every phase shares: the library's pool, the in-process API and an HTTP
+//! What every phase shares: the library's pool, the API process and an HTTP
 //! client for it, the bench tenant, and how to build a bench run.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use runq_devtools::bench_db;
-use runq_shared::config::{ApiConfig, DatabaseArgs};
+use runq_shared::config::DatabaseArgs;
 use runq_shared::{db, CreateRun, NewRun, NewStep, TenantId};
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
+use super::api::ApiProcess;
 use super::progress::Progress;
 use super::worker::WorkerProcess;
-use super::QUEUE;
+use super::{PROBE_QUEUE, QUEUE};
 
-/// Largest request body the in-process API accepts (the `runq api` default).
-const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Connections of the library's own pool: ten callers in flight, plus the
 /// connection that polls, plus slack.
 const LIBRARY_CONNECTIONS: u32 = 16;
@@ -40,18 +37,18 @@ pub struct Harness {
     database_url: String,
     database: DatabaseArgs,
     worker_logs: bool,
-    api: ApiServer,
+    api: ApiProcess,
 }
 
 impl Harness {
     /// Migrates the database, refuses one that holds other queues' runs,
     /// empties the run tables, creates the bench tenant and a token, and
-    /// starts the API on a loopback port.
+    /// starts the API process on a loopback port.
     ///
     /// # Errors
     ///
     /// The database is unreachable or holds runs of other queues, or the
-    /// loopback port cannot be bound.
+    /// API process cannot be started.
     pub async fn start(
         database_url: &str,
         database: &DatabaseArgs,
@@ -63,13 +60,14 @@ impl Harness {
             .context("parsing the database URL")?;
         db::migrate(&pool).await.context("applying migrations")?;
         let mut conn = pool.acquire().await.context("connecting")?;
-        if bench_db::runs_outside_queue(&mut conn, QUEUE)
+        if bench_db::runs_outside_queues(&mut conn, &[QUEUE, PROBE_QUEUE])
             .await
             .context("looking for other queues' runs")?
         {
             bail!(
-                "the database holds runs outside queue '{QUEUE}'; runq bench empties the run \
-                 tables, so give it a database of its own (--database-url)"
+                "the database holds runs outside queues '{QUEUE}' and '{PROBE_QUEUE}'; runq \
+                 bench empties the run tables, so give it a database of its own \
+                 (--database-url)"
             );
         }
         bench_db::reset(&mut conn)
@@ -81,13 +79,11 @@ impl Harness {
             .context("creating a token for the bench tenant")?;
         drop(conn);
 
-        let api_pool = db::pool(database_url, database.max_connections, acquire_timeout)
-            .context("parsing the database URL")?;
-        let api = ApiServer::start(api_pool)?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
             .context("building the HTTP client")?;
+        let api = ApiProcess::start(database_url, database, worker_logs, &client).await?;
         Ok(Self {
             pool,
             tenant,
@@ -121,36 +117,44 @@ impl Harness {
     ///
     /// The process cannot be started.
     pub fn spawn_worker(&self, concurrency: usize) -> anyhow::Result<WorkerProcess> {
-        self.spawn_worker_with(concurrency, &[])
+        self.spawn_worker_with(&[QUEUE], concurrency, &[])
     }
 
-    /// [`Harness::spawn_worker`] with the extra environment variables `env`
-    /// (the soak's short retention and prune intervals).
+    /// [`Harness::spawn_worker`] on `queues` with the extra environment
+    /// variables `env` (the soak's short retention and prune intervals).
     ///
     /// # Errors
     ///
     /// The process cannot be started.
     pub fn spawn_worker_with(
         &self,
+        queues: &[&str],
         concurrency: usize,
         env: &[(String, String)],
     ) -> anyhow::Result<WorkerProcess> {
         WorkerProcess::spawn(
             &self.database_url,
             &self.database,
+            queues,
             concurrency,
             self.worker_logs,
             env,
         )
     }
 
-    /// Stops the API and waits for it to finish its connections.
+    /// The API process's peak resident set since it started (`VmHWM`), in
+    /// bytes; `None` where `/proc` is not there.
+    pub fn api_peak_rss_bytes(&self) -> Option<u64> {
+        self.api.peak_rss_bytes()
+    }
+
+    /// Stops the API process and waits for it to finish its connections.
     ///
     /// # Errors
     ///
-    /// The server failed while serving.
+    /// The API does not exit in time, or exits unsuccessfully.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.api.shutdown().await
+        self.api.stop().await
     }
 }
 
@@ -179,8 +183,13 @@ pub async fn unlimited_tenant(
 
 /// The bench run number `i`: one `echo` step with input `{"i": i}`.
 pub fn bench_run(i: u64) -> CreateRun {
+    bench_run_on(QUEUE, i)
+}
+
+/// [`bench_run`] on `queue`.
+pub fn bench_run_on(queue: &str, i: u64) -> CreateRun {
     let mut run = CreateRun::new(vec![NewStep::new("echo", "echo", json!({ "i": i }))]);
-    run.queue = QUEUE.to_owned();
+    run.queue = queue.to_owned();
     run
 }
 
@@ -190,62 +199,5 @@ pub fn bench_new_run(tenant: TenantId, i: u64) -> NewRun {
         tenant_id: tenant,
         idempotency_key: None,
         run: bench_run(i),
-    }
-}
-
-/// The real API (`runq_api::serve_on`) on `127.0.0.1:<free port>`, in this
-/// process. Dropping it stops the server.
-struct ApiServer {
-    address: std::net::SocketAddr,
-    stop: CancellationToken,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl ApiServer {
-    fn start(pool: PgPool) -> anyhow::Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")
-            .context("binding 127.0.0.1:0 for the API")?;
-        let address = listener.local_addr().context("reading the API's address")?;
-        let config = ApiConfig {
-            listen: address.to_string(),
-            max_body_bytes: MAX_BODY_BYTES,
-            step_kinds: Vec::new(),
-            max_events_per_minute: 300,
-            max_streams: 1_000,
-            max_streams_per_tenant: 50,
-            stream_keep_alive_seconds: 15,
-        };
-        let stop = CancellationToken::new();
-        let shutdown = stop.clone().cancelled_owned();
-        // The listener is bound already, so requests sent before the server
-        // polls it wait in the backlog instead of being refused.
-        let task =
-            tokio::spawn(
-                async move { runq_api::serve_on(listener, pool, &config, shutdown).await },
-            );
-        Ok(Self {
-            address,
-            stop,
-            task: Some(task),
-        })
-    }
-
-    async fn shutdown(mut self) -> anyhow::Result<()> {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            task.await
-                .context("the API task panicked")?
-                .context("serving the API")?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
     }
 }

@@ -6,17 +6,20 @@
 //! on and samples claim latency and table sizes (README, "Bloat under
 //! churn"); its samples go to stderr whether or not it is a terminal.
 //!
-//! The API runs in this process on a loopback port and is driven by a real
-//! HTTP client; workers are separate `runq worker` processes started from this
-//! same executable, as users run them. Every phase starts from empty run
-//! tables, so the tool refuses a database holding runs of other queues.
+//! The API is a `runq api` process on a loopback port, driven by a real HTTP
+//! client, and workers are `runq worker` processes, both started from this
+//! same executable as users run them, so each one's memory is its own. Every
+//! phase starts from empty run tables, so the tool refuses a database holding
+//! runs of other queues.
 
+mod api;
 mod clock;
 mod drain;
 mod enqueue;
 mod flow;
 mod harness;
 mod latency;
+mod process;
 mod progress;
 mod soak;
 mod soak_report;
@@ -33,8 +36,11 @@ use serde::Serialize;
 use self::harness::Harness;
 use self::progress::Progress;
 
-/// The one queue every bench run goes to.
+/// The queue every bench run goes to, but the probes.
 const QUEUE: &str = "bench";
+/// The queue of the probe runs the latency phase sends while a backlog of
+/// [`QUEUE`] drains.
+const PROBE_QUEUE: &str = "bench_probe";
 /// Runs in one batch call or one `enqueue_many` transaction.
 const BATCH: usize = 1_000;
 /// Requests or library calls in flight in the `*_parallel` measurements.
@@ -67,7 +73,8 @@ pub struct BenchArgs {
         default_value = "enqueue,drain,latency"
     )]
     phases: Vec<Phase>,
-    /// Runs in the bulk enqueue and in each drain.
+    /// Runs in the bulk enqueue, in each drain and in the backlog of the
+    /// latency under load.
     #[arg(long, env = "RUNQ_BENCH_N", default_value_t = DEFAULT_N)]
     n: u64,
     /// Runs in the one-at-a-time enqueue measurements.
@@ -99,7 +106,8 @@ pub struct BenchArgs {
     /// drain's concurrency to measure the path, not the limit).
     #[arg(long, env = "RUNQ_BENCH_QUEUE_CONCURRENCY")]
     queue_concurrency: Option<i32>,
-    /// Let worker processes log to this stderr (they are silent otherwise).
+    /// Let the worker and API processes log to this stderr (they are silent
+    /// otherwise).
     #[arg(long, env = "RUNQ_BENCH_WORKER_LOGS")]
     worker_logs: bool,
 }
@@ -111,7 +119,8 @@ enum Phase {
     Enqueue,
     /// Drain throughput of one worker process per concurrency.
     Drain,
-    /// Enqueue-to-start latency under a steady open-loop trickle.
+    /// Enqueue-to-start latency under a steady open-loop trickle, to an
+    /// idle worker and to one draining `--n` runs of another queue.
     Latency,
     /// `--n` runs through enqueue, claim, completion and pruning, sampling
     /// claim latency and table sizes (not run unless named).
@@ -140,6 +149,9 @@ struct Report {
     enqueue: Option<enqueue::EnqueueReport>,
     drain: Option<Vec<drain::DrainReport>>,
     latency: Option<latency::LatencyReport>,
+    /// Latency of runs on another queue while `n` runs drain (the latency
+    /// phase measures it after the idle latency).
+    latency_under_load: Option<latency::LoadedLatencyReport>,
     /// The soak's samples; absent unless the soak ran, so the default
     /// report keeps BENCH.md's shape.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -195,10 +207,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             None
         };
-        let latency = if wanted(Phase::Latency) {
-            Some(latency::run(&harness).await?)
+        let (latency, latency_under_load) = if wanted(Phase::Latency) {
+            let idle = latency::run(&harness).await?;
+            let loaded = latency::under_load(&harness, args.n).await?;
+            (Some(idle), Some(loaded))
         } else {
-            None
+            (None, None)
         };
         let soak = if wanted(Phase::Soak) {
             let soak = soak::SoakArgs {
@@ -210,7 +224,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         } else {
             None
         };
-        anyhow::Ok((enqueue, drain, latency, soak))
+        anyhow::Ok((enqueue, drain, latency, latency_under_load, soak))
     };
     // On SIGINT or SIGTERM the phases are dropped, which kills any worker
     // process they started; the default action would leave it running.
@@ -221,7 +235,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Leave the tables empty whatever happened, then stop the API.
     let cleaned = harness.reset().await;
     harness.shutdown().await?;
-    let (enqueue, drain, latency, soak) = outcome?;
+    let (enqueue, drain, latency, latency_under_load, soak) = outcome?;
     let (soak, soak_summary) = match soak {
         Some(soak) => (Some(soak.samples), Some(soak.summary)),
         None => (None, None),
@@ -238,6 +252,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         enqueue,
         drain,
         latency,
+        latency_under_load,
         soak,
         soak_summary,
     };
@@ -309,7 +324,7 @@ fn validate(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// Every knob not at its default, as `key=value` words separated by spaces;
 /// empty when the run is the standard one. Includes `RUNQ_*` variables the
-/// worker processes inherit, since they change how workers behave.
+/// worker and API processes inherit, since they change how those behave.
 fn settings(args: &BenchArgs) -> String {
     let mut knobs = Vec::new();
     if args.phases != DEFAULT_PHASES {
@@ -354,7 +369,7 @@ fn settings(args: &BenchArgs) -> String {
         knobs.push(format!("queue-concurrency={limit}"));
     }
     let mut inherited: Vec<String> = std::env::vars()
-        .filter(|(name, _)| worker::inherits(name))
+        .filter(|(name, _)| process::inherits(name))
         .map(|(name, value)| format!("{name}={value}"))
         .collect();
     inherited.sort();

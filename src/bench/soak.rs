@@ -114,7 +114,7 @@ pub async fn run(harness: &Harness, args: SoakArgs) -> anyhow::Result<SoakOutcom
     let started = Instant::now();
     let mut sampler = Sampler::new(&harness.pool, started, args.n);
     sampler.take(&mut conn, enqueued).await?;
-    let mut worker = harness.spawn_worker_with(args.concurrency, &worker_env)?;
+    let mut worker = harness.spawn_worker_with(&[QUEUE], args.concurrency, &worker_env)?;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut progress = (0, Instant::now());
