@@ -84,9 +84,12 @@ pub struct WorkerConfig {
     /// Runs executed at once.
     #[arg(long, env = "RUNQ_CONCURRENCY", default_value_t = 10)]
     pub concurrency: usize,
-    /// Runs claimed ahead of free slots and held locally (under lease) so an
-    /// idle slot never waits for a round trip. 0 turns prefetch off.
-    #[arg(long, env = "RUNQ_PREFETCH", default_value_t = 200)]
+    /// Most runs claimed ahead of free slots and held locally (under lease)
+    /// so an idle slot never waits for a round trip. The worker holds what
+    /// it starts in a quarter second, at least its slot count (and 16), at
+    /// most this: short runs get large claims, slow ones do not keep runs
+    /// from other workers. 0 turns prefetch off.
+    #[arg(long, env = "RUNQ_PREFETCH", default_value_t = 1_000)]
     pub prefetch: usize,
     /// Milliseconds between polls when no notification arrives.
     #[arg(long, env = "RUNQ_POLL_INTERVAL_MS", default_value_t = 1000)]
@@ -254,7 +257,7 @@ impl Default for WorkerConfig {
         Self {
             queues: vec!["default".to_owned()],
             concurrency: 10,
-            prefetch: 200,
+            prefetch: 1_000,
             poll_interval_ms: 1000,
             lease_ms: 30_000,
             heartbeat_ms: 5_000,

@@ -19,6 +19,7 @@ mod ingest;
 mod isolation;
 mod load;
 mod outbound;
+mod prefetch;
 mod properties;
 mod queues;
 mod quotas;

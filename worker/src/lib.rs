@@ -20,6 +20,7 @@ pub mod handler;
 mod leases;
 pub mod maintenance;
 pub mod outbound;
+mod prefetch;
 pub mod relay;
 mod services;
 mod worker;

@@ -329,9 +329,17 @@ impl Worker {
         abandon: CancellationToken,
     ) -> WorkerReport {
         let config = &self.config;
-        // Finish a claim already sent so its runs are released, not left to expire.
-        let mut unstarted: Vec<Lease> = claims.buffer.drain(..).map(|run| run.lease).collect();
-        if let Some((claim, _)) = claims.claiming.take() {
+        // Finish claims already sent so their runs are released, not left to expire.
+        let mut unstarted: Vec<Lease> = claims
+            .buffer
+            .drain()
+            .into_iter()
+            .map(|run| run.lease)
+            .collect();
+        for (claim, _) in [claims.claiming.take(), claims.express.take()]
+            .into_iter()
+            .flatten()
+        {
             if let Ok((runq_shared::db::runs::Claimed { runs, .. }, sent)) = claim.await {
                 claims.report.claimed += runs.len() as u64;
                 let deadline = sent + Duration::from_millis(config.lease_ms);
