@@ -413,7 +413,10 @@ fn serde_and_openapi_forms_agree() {
 }
 
 /// Every path that writes an outbox row writes a payload that deserialises
-/// (strictly) into `OutboxEvent`, whose `type` and `run.id` match the row.
+/// (strictly) into `OutboxEvent`, whose `type` and `run.id` match the row;
+/// and links it into its run's chain (migration 14), so reading a run's
+/// rows along the chain finds exactly what a scan by run finds, from any
+/// id on (a cancel and a retry in one transaction included).
 #[tokio::test]
 async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
     let db = TestDb::new().await;
@@ -547,6 +550,27 @@ async fn outbox_payloads_of_every_path_deserialise_into_the_shared_type() {
     .map(String::from)
     .collect();
     assert_eq!(seen, expected, "every event type was exercised");
+
+    for run in &runs {
+        let scanned: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM outbox WHERE run_id = $1 ORDER BY id")
+                .bind(run.id)
+                .fetch_all(&db.pool)
+                .await
+                .expect("scan");
+        assert!(scanned.len() >= 3, "run {}: {scanned:?}", run.id);
+        for after in std::iter::once(0).chain(scanned.iter().copied()) {
+            let chained: Vec<i64> =
+                runq_shared::db::outbox::for_run_after(&mut conn, run.id, after)
+                    .await
+                    .expect("chain")
+                    .iter()
+                    .map(|row| row.cursor.id)
+                    .collect();
+            let expected: Vec<i64> = scanned.iter().copied().filter(|id| *id > after).collect();
+            assert_eq!(chained, expected, "run {} after {after}", run.id);
+        }
+    }
 }
 
 /// Narrow outbox rows (migration 20261201000011) read back as the same
@@ -577,14 +601,15 @@ async fn narrow_and_legacy_outbox_rows_read_back_as_the_same_event() {
     .expect("event");
     assert_eq!(narrow, legacy, "the narrow row builds the old payload");
     assert_eq!(narrow["run"]["status"], "pending");
-    // A legacy row: payload only.
+    // A legacy row: payload only, written before migration 14 (no chain:
+    // `chained` NULL, found by run through the legacy index).
     let written = json!({ "type": "run.created", "occurred_at": "2026-11-30T10:00:00Z",
         "run": { "id": run.id, "tenant_id": tenant, "queue": "old", "status": "pending",
                  "attempt": 0, "max_attempts": 3, "run_at": "2026-11-30T10:00:00Z",
                  "error": null, "result": null } });
     sqlx::query(
-        "INSERT INTO outbox (tenant_id, run_id, event_type, payload)
-         VALUES ($1, $2, 'run.created', $3)",
+        "INSERT INTO outbox (tenant_id, run_id, event_type, payload, chained)
+         VALUES ($1, $2, 'run.created', $3, NULL)",
     )
     .bind(tenant)
     .bind(run.id)

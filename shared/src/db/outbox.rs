@@ -111,7 +111,10 @@ impl OutboxRow {
 
 /// The outbox rows of run `id`, in the order they were written. A run's
 /// rows are written by transactions that hold the run's row lock from before
-/// the insert until commit, so their ids follow commit order.
+/// the insert until commit, so their ids follow commit order. They are found
+/// through the run's chain (`runq_run_outbox`, migration 14): a run already
+/// pruned has none left to find (rows written before that migration are
+/// found by run whatever happened to it).
 ///
 /// # Errors
 ///
@@ -133,9 +136,12 @@ pub async fn for_run_after(
 ) -> Result<Vec<OutboxRow>, DbError> {
     let rows = sqlx::query_as!(
         Row,
-        r#"SELECT txid::text::bigint AS "txid!", id, run_id, event_type,
+        r#"SELECT txid::text::bigint AS "txid!", id AS "id!", run_id AS "run_id!",
+                  event_type AS "event_type!",
                   runq_outbox_event(outbox) AS "payload!: Json<OutboxEvent>"
-           FROM outbox WHERE run_id = $1 AND id > $2 ORDER BY id"#,
+           FROM runq_run_outbox($1, (SELECT last_event_txid FROM runs WHERE id = $1), $2)
+                AS outbox
+           ORDER BY id"#,
         id,
         after,
     )

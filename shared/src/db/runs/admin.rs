@@ -26,14 +26,15 @@ pub async fn cancel(conn: &mut PgConnection, tenant: TenantId, id: RunId) -> Res
                 WITH cancelled AS (
                     UPDATE runs SET status = 'cancelled', finished_at = now(),
                         error = '{"reason": "cancelled", "message": "cancelled by a client"}',
-                        sequence_waiting = false
+                        sequence_waiting = false,
+                        prev_event_txid = last_event_txid, last_event_txid = pg_current_xact_id()
                     WHERE id = $1 RETURNING *
                 )
                 INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
-                                run_at, error, result)
+                                run_at, error, result, prev_txid)
                 SELECT tenant_id, id, 'run.cancelled',
                        cancelled.queue, cancelled.status, cancelled.attempt, cancelled.max_attempts,
-                   cancelled.run_at, cancelled.error, cancelled.result
+                   cancelled.run_at, cancelled.error, cancelled.result, cancelled.prev_event_txid
                 FROM cancelled
                 "#,
                 id,
@@ -157,14 +158,15 @@ async fn retry_where(
             -- the key again (the promoter decides when it goes).
             UPDATE runs r SET status = 'pending', attempt = 0, run_at = now(), error = NULL,
                 result = NULL, finished_at = NULL, started_at = NULL, cancel_requested = false,
-                sequence_waiting = r.sequence_key IS NOT NULL AND r.status = 'cancelled'
+                sequence_waiting = r.sequence_key IS NOT NULL AND r.status = 'cancelled',
+                prev_event_txid = r.last_event_txid, last_event_txid = pg_current_xact_id()
             WHERE r.id = ANY(ARRAY(SELECT id FROM target))
             RETURNING r.*
         ), recorded AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
-                                run_at, error, result)
+                                run_at, error, result, prev_txid)
             SELECT tenant_id, id, 'run.requeued', requeued.queue, requeued.status, requeued.attempt, requeued.max_attempts,
-                   requeued.run_at, requeued.error, requeued.result
+                   requeued.run_at, requeued.error, requeued.result, requeued.prev_event_txid
             FROM requeued
         ), notified AS (
             SELECT pg_notify('runq_pending', '') WHERE EXISTS (SELECT 1 FROM requeued)

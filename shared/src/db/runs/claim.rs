@@ -281,7 +281,8 @@ async fn claim_from(
             UPDATE runs r
             SET status = 'running', attempt = r.attempt + 1, lease_token = r.lease_token + 1,
                 locked_by = $3, started_at = now(),
-                lease_expires_at = now() + $4 * interval '1 millisecond'
+                lease_expires_at = now() + $4 * interval '1 millisecond',
+                prev_event_txid = r.last_event_txid, last_event_txid = pg_current_xact_id()
             -- Through the primary key. Joined as `FROM next`, the CTE may be
             -- hashed against a scan of all runs; the rescuer and bulk retry
             -- update their locked rows the same way.
@@ -289,9 +290,9 @@ async fn claim_from(
             RETURNING r.*
         ), started AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
-                                run_at, error, result)
+                                run_at, error, result, prev_txid)
             SELECT tenant_id, id, 'run.started', claimed.queue, claimed.status, claimed.attempt, claimed.max_attempts,
-                   claimed.run_at, claimed.error, claimed.result
+                   claimed.run_at, claimed.error, claimed.result, claimed.prev_event_txid
             FROM claimed
         )
         SELECT c.id AS "id!", c.lease_token AS "lease_token!", c.tenant_id AS "tenant_id!",

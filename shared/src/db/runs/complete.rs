@@ -145,6 +145,7 @@ pub async fn complete_many<C: Borrow<Completion>>(
                                    THEN NULL ELSE now() END,
                 locked_by = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1,
                 result = i.result, error = i.error,
+                prev_event_txid = r.last_event_txid, last_event_txid = pg_current_xact_id(),
                 errors = CASE WHEN i.outcome = 'succeeded' THEN r.errors
                               ELSE runq_attempt_error(r.errors, r.attempt, r.locked_by, i.error)
                          END
@@ -169,10 +170,10 @@ pub async fn complete_many<C: Borrow<Completion>>(
             ORDER BY e.ord
         ), recorded_outbox AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
-                                run_at, error, result)
+                                run_at, error, result, prev_txid)
             SELECT done.tenant_id, done.id, t.event_type,
                    done.queue, done.status, done.attempt, done.max_attempts,
-                   done.run_at, done.error, done.result
+                   done.run_at, done.error, done.result, done.prev_event_txid
             FROM done CROSS JOIN LATERAL (
                 SELECT runq_outcome_event(done.status, 'completed') AS event_type) t
         )

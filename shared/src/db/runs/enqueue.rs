@@ -183,10 +183,10 @@ async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueu
             -- record (~48 bytes of WAL) and its check.
             INSERT INTO runs (id, tenant_id, project_id, queue, priority, run_at, max_attempts,
                               timeout_seconds, metadata, idempotency_key, step_count,
-                              idempotency_hash, sequence_key, sequence_waiting)
+                              idempotency_hash, sequence_key, sequence_waiting, last_event_txid)
             SELECT id, tenant_id, project_id, queue, priority, coalesce(run_at, now()),
                    max_attempts, timeout_seconds, metadata, idempotency_key, step_count,
-                   idempotency_hash, sequence_key, sequence_key IS NOT NULL
+                   idempotency_hash, sequence_key, sequence_key IS NOT NULL, pg_current_xact_id()
             FROM input WHERE idempotency_key IS NOT NULL
             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL
             DO NOTHING
@@ -194,10 +194,10 @@ async fn insert(conn: &mut PgConnection, runs: Vec<NewRun>) -> Result<Vec<Enqueu
         ), unkeyed AS (
             INSERT INTO runs (id, tenant_id, project_id, queue, priority, run_at, max_attempts,
                               timeout_seconds, metadata, idempotency_key, step_count,
-                              idempotency_hash, sequence_key, sequence_waiting)
+                              idempotency_hash, sequence_key, sequence_waiting, last_event_txid)
             SELECT id, tenant_id, project_id, queue, priority, coalesce(run_at, now()),
                    max_attempts, timeout_seconds, metadata, idempotency_key, step_count,
-                   idempotency_hash, sequence_key, sequence_key IS NOT NULL
+                   idempotency_hash, sequence_key, sequence_key IS NOT NULL, pg_current_xact_id()
             FROM input WHERE idempotency_key IS NULL
             RETURNING *
         ), inserted AS (

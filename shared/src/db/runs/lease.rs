@@ -86,16 +86,17 @@ pub async fn release_many(
                 error = CASE WHEN r.cancel_requested
                              THEN '{"reason": "cancelled", "message": "cancelled by a client"}'
                              ELSE r.error END,
-                locked_by = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1
+                locked_by = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1,
+                prev_event_txid = r.last_event_txid, last_event_txid = pg_current_xact_id()
             FROM unnest($1::uuid[], $2::int8[]) AS i(id, token)
             WHERE r.id = ANY($1::uuid[]) AND r.id = i.id AND r.lease_token = i.token
             RETURNING r.*
         ), recorded AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
-                                run_at, error, result)
+                                run_at, error, result, prev_txid)
             SELECT released.tenant_id, released.id, t.event_type,
                    released.queue, released.status, released.attempt, released.max_attempts,
-                   released.run_at, released.error, released.result
+                   released.run_at, released.error, released.result, released.prev_event_txid
             FROM released CROSS JOIN LATERAL (
                 SELECT runq_outcome_event(released.status, 'released') AS event_type) t
         ), notified AS (
@@ -166,15 +167,16 @@ pub async fn rescue_expired(
                 error = runq_rescue_error(r),
                 errors = runq_attempt_error(r.errors, r.attempt, r.locked_by,
                                             runq_rescue_error(r)),
-                locked_by = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1
+                locked_by = NULL, lease_expires_at = NULL, lease_token = r.lease_token + 1,
+                prev_event_txid = r.last_event_txid, last_event_txid = pg_current_xact_id()
             WHERE r.id = ANY(ARRAY(SELECT id FROM expired))
             RETURNING r.*
         ), recorded AS (
             INSERT INTO outbox (tenant_id, run_id, event_type, queue, status, attempt, max_attempts,
-                                run_at, error, result)
+                                run_at, error, result, prev_txid)
             SELECT rescued.tenant_id, rescued.id, t.event_type,
                    rescued.queue, rescued.status, rescued.attempt, rescued.max_attempts,
-                   rescued.run_at, rescued.error, rescued.result
+                   rescued.run_at, rescued.error, rescued.result, rescued.prev_event_txid
             FROM rescued CROSS JOIN LATERAL (
                 SELECT runq_outcome_event(rescued.status, 'rescued') AS event_type) t
         )

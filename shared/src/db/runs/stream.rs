@@ -104,8 +104,10 @@ pub async fn progress(
     event_limit: i64,
 ) -> Result<Option<RunProgress>, DbError> {
     // One statement: its subqueries share the statement's snapshot, which
-    // `pg_current_snapshot()` describes. Each part is one index range scan
-    // (`outbox_run_idx`, `run_events_run_idx`, the steps' primary key).
+    // `pg_current_snapshot()` describes. Each part is index range scans: the
+    // outbox rows along the run's chain (`runq_run_outbox`, one range of the
+    // outbox's primary key per state change not yet seen), then
+    // `run_events_run_idx` and the steps' primary key.
     let row = sqlx::query!(
         r#"
         SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS "xmin!",
@@ -117,7 +119,7 @@ pub async fn progress(
                            'txid', o.txid::text::bigint, 'id', o.id, 'run_id', o.run_id,
                            'event_type', o.event_type, 'payload', runq_outbox_event(o)) ORDER BY o.id),
                        '[]'::jsonb)
-                FROM outbox o WHERE o.run_id = r.id AND o.id > $3)
+                FROM runq_run_outbox(r.id, r.last_event_txid, $3) o)
                    AS "state_changes!: Json<Vec<StateChangeRow>>",
                (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e.id), '[]'::jsonb)
                 FROM (SELECT id, attempt, position, kind, data, truncated, occurred_at,
