@@ -8,7 +8,9 @@
 -- - every statement that changes a run's state and writes its outbox row
 --   also sets `runs.last_event_txid` to its own transaction id, keeping the
 --   value it replaces in `runs.prev_event_txid`, and copies that previous
---   value into the outbox row (`outbox.prev_txid`);
+--   value into the outbox row (`outbox.prev_txid`). `prev_event_txid` is
+--   only there to carry the old value out of the UPDATE: PostgreSQL 15's
+--   RETURNING sees the new row alone;
 -- - a reader starts at `runs.last_event_txid` and walks `prev_txid` back,
 --   each step one range of the primary key `(txid, id)`: the rows of one
 --   transaction, filtered by run (`runq_run_outbox`).

@@ -184,7 +184,7 @@ pub async fn run(harness: &Harness, args: SoakArgs) -> anyhow::Result<SoakOutcom
         "soak: {} runs in {:.1} s ({}/s); claim ms first quartile {:?}, last {:?} (x{:?})",
         args.n,
         elapsed.as_secs_f64(),
-        summary.jobs_per_s,
+        summary.context.jobs_per_s,
         summary.claim_ms_first_quartile,
         summary.claim_ms_last_quartile,
         summary.claim_ratio,

@@ -75,21 +75,12 @@ pub struct Span {
     pub end: i64,
 }
 
-/// Whether the soak stayed flat.
+/// Whether the soak stayed flat: what it ran ([`Context`]) and what it saw.
 #[derive(Serialize, Debug, Clone)]
 pub struct Summary {
-    /// Runs pushed through.
-    pub jobs: u64,
-    /// From the worker's start until every run was finished.
-    pub ms: u64,
-    /// `jobs` over `ms`.
-    pub jobs_per_s: u64,
-    /// Worker slots.
-    pub concurrency: usize,
-    /// Pending runs the enqueuer kept queued.
-    pub backlog: u64,
-    /// Runs each probe claim asks for.
-    pub claim_limit: i64,
+    /// What the soak ran, as given to [`summarise`].
+    #[serde(flatten)]
+    pub context: Context,
     /// Mean `claim_ms` of the full-claim samples in the first quarter of
     /// the runs (by `processed`).
     pub claim_ms_first_quartile: Option<f64>,
@@ -104,24 +95,28 @@ pub struct Summary {
     pub dead_tuples: BTreeMap<String, Span>,
     /// Autovacuum passes over each hot table during the soak.
     pub autovacuums: BTreeMap<String, i64>,
+}
+
+/// What the summary is computed from besides the samples.
+#[derive(Serialize, Debug, Clone)]
+pub struct Context {
+    /// Runs pushed through.
+    pub jobs: u64,
+    /// From the worker's start until every run was finished.
+    pub ms: u64,
+    /// `jobs` over `ms`.
+    pub jobs_per_s: u64,
+    /// Worker slots.
+    pub concurrency: usize,
+    /// Pending runs the enqueuer kept queued.
+    pub backlog: u64,
+    /// Runs each probe claim asks for.
+    pub claim_limit: i64,
     /// Environment the soak gave the worker (retention, prune intervals).
     pub worker_env: Vec<String>,
     /// The server's autovacuum settings the figures were measured under.
     pub server: Vec<String>,
     /// Storage parameters of each hot table (`reloptions`).
-    pub reloptions: BTreeMap<String, Vec<String>>,
-}
-
-/// What the summary is computed from besides the samples.
-pub struct Context {
-    pub jobs: u64,
-    pub ms: u64,
-    pub jobs_per_s: u64,
-    pub concurrency: usize,
-    pub backlog: u64,
-    pub claim_limit: i64,
-    pub worker_env: Vec<String>,
-    pub server: Vec<String>,
     pub reloptions: BTreeMap<String, Vec<String>>,
 }
 
@@ -175,21 +170,13 @@ pub fn summarise(samples: &[Sample], context: Context) -> Summary {
         }
     }
     Summary {
-        jobs: context.jobs,
-        ms: context.ms,
-        jobs_per_s: context.jobs_per_s,
-        concurrency: context.concurrency,
-        backlog: context.backlog,
-        claim_limit: context.claim_limit,
+        context,
         claim_ms_first_quartile: first.map(round3),
         claim_ms_last_quartile: last.map(round3),
         claim_ratio,
         bytes,
         dead_tuples,
         autovacuums,
-        worker_env: context.worker_env,
-        server: context.server,
-        reloptions: context.reloptions,
     }
 }
 
